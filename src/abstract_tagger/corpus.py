@@ -292,3 +292,23 @@ def read_corpus(
     finally:
         if rejects_file is not None:
             rejects_file.close()
+
+
+def read_gold(path: str | Path, known_tags: Iterable[str]) -> dict[str, list[str]]:
+    """Gold dev labels: {paper id: [tag ids]}. Unknown tags are an error, not a silent miss."""
+    known = set(known_tags)
+    gold: dict[str, list[str]] = {}
+    with open_text(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                pid, tags = rec["id"], rec["tags"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorpusError(str(path), lineno, f"expected {{id, tags}}: {e}") from None
+            unknown = sorted(set(tags) - known)
+            if unknown:
+                raise CorpusError(str(path), lineno, f"unknown tag(s) {unknown}")
+            gold[pid] = list(tags)
+    return gold

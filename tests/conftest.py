@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the Hugging Face Hub; the bundled MiniLM and tiny models built in-test serve.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def taxonomy():
+    from omegaconf import OmegaConf
+
+    from abstract_tagger.taxonomy import Taxonomy
+
+    return Taxonomy.from_config(OmegaConf.load(ROOT / "conf/taxonomy/default.yaml"))
