@@ -1,8 +1,8 @@
 """Corpus readers: every input format becomes one stream of `Paper` records.
 
-Readers are generators over files of any size (`.gz` too). Each yields either a `Paper` or a
-`Reject` (file, line, reason); `read_corpus` applies the error policy, drops duplicate titles and
-keeps the books so that read == kept + duplicates + rejected always holds.
+Readers are generators over files of any size (`.gz` and stdin too). Each yields either a `Paper`
+or a `Reject` (file, line, reason); `read_corpus` applies the error policy, drops duplicate titles
+and keeps the books so that read == kept + duplicates + rejected always holds.
 """
 
 from __future__ import annotations
@@ -13,21 +13,36 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import re
 import sys
+import unicodedata
+import zlib
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("seed", "jsonl", "arxiv", "csv")
+FIELDS = ("id", "title", "abstract", "categories")
+SOURCE_KEYS = ("path", "format", "fields", "id_prefix")
 _WS = re.compile(r"\s+")
-_NON_ALNUM = re.compile(r"[^0-9a-z]+")
-# Lone surrogates are what `errors="surrogateescape"` turns undecodable bytes into; finding one in
-# a field pins a non-UTF-8 record to its line instead of failing the whole file.
-_SURROGATE = re.compile("[\udc80-\udcff]")
+_NON_WORD = re.compile(r"[\W_]+")
+# Lone surrogates come from undecodable bytes (`errors="surrogateescape"`) or from JSON `\udXXX`
+# escapes; either way the text cannot be encoded again, so the record is rejected at its line.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
 _SEED_HEADER_LINES = 2
 _SEED_GLUE = "Subscribe"
+# Seed titles are at most ~160 characters and abstracts at least ~550: a longer "title" means the
+# title/abstract pairing has slipped.
+_SEED_MAX_TITLE_CHARS = 400
+# What a truncated or corrupt `.gz`, or a failing disk, raises mid-stream.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +68,9 @@ class Reject:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.reason}"
+
+    def to_json(self) -> str:
+        return json.dumps({"file": self.source, "line": self.line, "reason": self.reason})
 
 
 class CorpusError(ValueError):
@@ -83,17 +101,85 @@ def normalize_ws(text: str) -> str:
 
 
 def title_key(title: str) -> str:
-    """Duplicate key: case, punctuation and spacing do not make two papers different."""
-    return _NON_ALNUM.sub(" ", title.lower()).strip()
+    """Duplicate key: case, punctuation, spacing and Unicode forms do not make two papers different.
+    Letters of every script count, so titles without Latin letters do not all collide."""
+    key = _NON_WORD.sub(" ", unicodedata.normalize("NFKC", title).casefold()).strip()
+    return key or title
+
+
+class _TitleDigests:
+    """The titles seen so far, for dropping duplicates from streams of millions of papers.
+
+    A Python set of digests costs ~80 bytes a title (object header + hash table); this open-addressing
+    table of 64-bit blake2b digests, linear probing, kept 1/4 to 1/2 full, costs 16-32 bytes a title.
+    Two different titles share a digest with probability ~n^2 / 2^65 over the whole stream:
+    ~3e-8 for 1M titles, ~2e-7 for the 2.7M-paper arXiv snapshot; such a pair would be counted as a
+    duplicate. Digest 0 marks an empty slot, so a title hashing to 0 is stored as 1.
+    """
+
+    def __init__(self, log2_slots: int = 16):
+        self._slots = array("Q", [0]) * (1 << log2_slots)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, key: str) -> bool:
+        """Remember `key`; False if it was already there."""
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest()) or 1
+        if not self._insert(self._slots, digest):
+            return False
+        self._count += 1
+        if 2 * self._count > len(self._slots):
+            old, self._slots = self._slots, array("Q", [0]) * (2 * len(self._slots))
+            for d in old:
+                if d:
+                    self._insert(self._slots, d)
+        return True
+
+    @staticmethod
+    def _insert(slots: array, digest: int) -> bool:
+        mask = len(slots) - 1
+        i = digest & mask
+        while (held := slots[i]) != 0:
+            if held == digest:
+                return False
+            i = (i + 1) & mask
+        slots[i] = digest
+        return True
 
 
 def open_text(path: str | Path) -> IO[str]:
-    """Open a text file, `.gz` or `-` (stdin) with undecodable bytes kept as lone surrogates."""
+    """Open a text file, `.gz` or `-` (stdin) with undecodable bytes kept as lone surrogates, so a
+    bad byte fails its own record rather than the whole file. A leading BOM is dropped."""
+    options = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
     if str(path) == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, **options)
     if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+        return gzip.open(path, "rt", **options)
+    return open(path, **options)
+
+
+@contextmanager
+def _open_binary(path: str | Path) -> Iterator[IO[bytes]]:
+    if str(path) == "-":
+        yield sys.stdin.buffer  # not ours to close
+    elif str(path).endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            yield f
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
+def _lines(source: str, f: Iterable[Any]) -> Iterator[Any]:
+    """The lines of `f`; a read failure (say, a truncated `.gz`) names the line it stopped at."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, start=1):
+            yield line
+    except _READ_ERRORS as e:
+        raise CorpusError(source, lineno + 1, f"cannot read the file: {e}") from e
 
 
 def detect_format(path: str | Path) -> str:
@@ -107,134 +193,179 @@ def detect_format(path: str | Path) -> str:
     raise CorpusError(str(path), 0, f"cannot tell the format from the file name; set format to one of {FORMATS}")
 
 
+def _field_names(fields: Mapping[str, str] | None) -> dict[str, str]:
+    unknown = sorted(set(fields or {}) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in fields; expected some of {FIELDS}")
+    return {**{name: name for name in FIELDS}, **(fields or {})}
+
+
 def _make_paper(
-    source: str, line: int, pid: Any, title: Any, abstract: Any, categories: Iterable[str], max_chars: int
+    source: str, line: int, pid: Any, title: Any, abstract: Any, categories: Any, max_chars: int, id_prefix: str
 ) -> Paper | Reject:
-    fields = {"title": title, "abstract": abstract}
-    for name, value in fields.items():
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return Reject(source, line, f"missing or empty {name}")
+    texts = {}
+    for name, value in (("title", title), ("abstract", abstract)):
+        if value is None:
+            return Reject(source, line, f"missing {name}")
         if not isinstance(value, str):
             return Reject(source, line, f"{name} is {type(value).__name__}, expected a string")
-        if _SURROGATE.search(value):
-            return Reject(source, line, f"{name} is not valid UTF-8")
+        value = normalize_ws(value)
+        if not value:
+            return Reject(source, line, f"empty {name}")
         if len(value) > max_chars:
             return Reject(source, line, f"{name} has {len(value)} characters, over the limit of {max_chars}")
+        if _SURROGATE.search(value):
+            return Reject(source, line, f"{name} is not valid UTF-8")
+        texts[name] = value
+    if categories is None:
+        categories = ()
+    elif isinstance(categories, str):
+        categories = categories.split()
+    elif not (isinstance(categories, list | tuple) and all(isinstance(c, str) for c in categories)):
+        return Reject(source, line, "categories must be a list of strings or a space-separated string")
+    if pid is None or pid == "":
+        pid = f"{id_prefix}-{line:06d}"
+    elif isinstance(pid, bool) or not isinstance(pid, str | int):
+        return Reject(source, line, f"id is {type(pid).__name__}, expected a string")
     return Paper(
-        id=str(pid),
-        title=normalize_ws(title),
-        abstract=normalize_ws(abstract),
-        categories=tuple(c for c in categories if c),
+        id=str(pid).strip(),
+        title=texts["title"],
+        abstract=texts["abstract"],
+        categories=tuple(c.strip() for c in categories if c.strip()),
         source=source,
         line=line,
     )
 
 
 def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int = 20_000,
-                   max_title_chars: int = 400) -> Iterator[Paper | Reject]:
+                   max_title_chars: int = _SEED_MAX_TITLE_CHARS) -> Iterator[Paper | Reject]:
     """The paper-listing page dump: two header lines, `Subscribe` glued to the first title, then
-    title line / abstract line pairs. Structural faults shift every later pair, so they always
-    raise, whatever the error policy."""
+    title line / abstract line pairs; ids `{id_prefix}-000`... in page order. Structural faults shift
+    every later pair, so they always raise, whatever the error policy. A web-page dump is small, so
+    it is read whole to check its structure before yielding anything."""
     source = str(path)
     with open_text(path) as f:
-        lines = [(i, ln.rstrip("\r\n")) for i, ln in enumerate(f, start=1)]
+        lines = [(i, ln.rstrip("\r\n")) for i, ln in enumerate(_lines(source, f), start=1)]
     body = [(i, ln) for i, ln in lines[_SEED_HEADER_LINES:] if ln.strip()]
-    if len(lines) <= _SEED_HEADER_LINES or not body:
+    if not body:
         raise CorpusError(source, len(lines), "no papers after the two header lines")
     first_line, first = body[0]
-    if not first.startswith(_SEED_GLUE):
-        raise CorpusError(source, first_line, f"expected the first title to start with {_SEED_GLUE!r}")
+    if not first.startswith(_SEED_GLUE) or not first[len(_SEED_GLUE):].strip():
+        raise CorpusError(source, first_line, f"expected the first title glued to {_SEED_GLUE!r}, got {first[:80]!r}")
     body[0] = (first_line, first[len(_SEED_GLUE):])
-    if len(body) % 2:
-        raise CorpusError(source, body[-1][0], "unpaired trailing line: a title with no abstract line")
-    for k in range(0, len(body), 2):
-        (tline, title), (_, abstract) = body[k], body[k + 1]
+    for (tline, title) in body[::2]:
         if len(title) > max_title_chars:
             raise CorpusError(
                 source, tline,
                 f"expected a title but found {len(title)} characters: a title or abstract line is missing above",
             )
-        yield _make_paper(source, tline, f"{id_prefix}-{k // 2:03d}", title, abstract, (), max_chars)
+    if len(body) % 2:
+        raise CorpusError(source, body[-1][0], "unpaired trailing line: a title with no abstract line")
+    for k in range(0, len(body), 2):
+        (tline, title), (_, abstract) = body[k], body[k + 1]
+        yield _make_paper(source, tline, f"{id_prefix}-{k // 2:03d}", title, abstract, None, max_chars, id_prefix)
 
 
 def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int = 20_000,
                fields: Mapping[str, str] | None = None) -> Iterator[Paper | Reject]:
     """JSON lines: `title`, `abstract`, optional `id` and `categories` (a list, or a space-separated
-    string as in the arXiv metadata snapshot)."""
+    string as in the arXiv metadata snapshot). Lines are read as bytes and decoded one by one, so a
+    bad byte rejects its own line and only `\\n` ends a line."""
     source = str(path)
-    names = {"id": "id", "title": "title", "abstract": "abstract", "categories": "categories", **(fields or {})}
-    with open_text(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+    names = _field_names(fields)
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(_lines(source, f), start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(_BOM)
             if not raw.strip():
                 continue
-            if _SURROGATE.search(raw):
-                yield Reject(source, lineno, "line is not valid UTF-8")
-                continue
             try:
-                rec = json.loads(raw)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield Reject(source, lineno, f"not valid UTF-8 (byte {e.start})")
+                continue
             except json.JSONDecodeError as e:
                 yield Reject(source, lineno, f"malformed JSON: {e.msg} at column {e.colno}")
+                continue
+            except RecursionError:
+                yield Reject(source, lineno, "malformed JSON: nested too deeply")
                 continue
             if not isinstance(rec, dict):
                 yield Reject(source, lineno, f"expected a JSON object, got {type(rec).__name__}")
                 continue
-            cats = rec.get(names["categories"]) or ()
-            if isinstance(cats, str):
-                cats = cats.split()
-            pid = rec.get(names["id"]) or f"{id_prefix}-{lineno:06d}"
-            yield _make_paper(source, lineno, pid, rec.get(names["title"]), rec.get(names["abstract"]), cats, max_chars)
+            yield _make_paper(
+                source, lineno, rec.get(names["id"]), rec.get(names["title"]), rec.get(names["abstract"]),
+                rec.get(names["categories"]), max_chars, id_prefix,
+            )
 
 
-def _parse_categories(value: str) -> list[str]:
+def _parse_categories(value: str) -> Any:
+    """`['cs.LG', 'stat.ML']` (a Python list written out, as in arxiv_ml_sample.csv), or separated
+    by spaces or commas."""
     value = value.strip()
     if value.startswith("["):
-        parsed = ast.literal_eval(value)
-        return [str(c) for c in parsed]
+        return ast.literal_eval(value)
     return value.replace(",", " ").split()
 
 
 def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int = 20_000,
              fields: Mapping[str, str] | None = None) -> Iterator[Paper | Reject]:
-    """CSV with configurable column names; categories may be a Python-list string."""
+    """CSV with a header row and configurable column names (`fields` maps id/title/abstract/
+    categories to columns). Quoted fields may span lines; a record's line is where it starts."""
     source = str(path)
-    names = {"id": "id", "title": "title", "abstract": "abstract", "categories": "categories", **(fields or {})}
+    names = _field_names(fields)
     with open_text(path) as f:
-        reader = csv.reader(f)
+        reader = csv.reader(_lines(source, f))
         try:
             header = next(reader)
         except StopIteration:
             raise CorpusError(source, 1, "empty CSV file: no header row") from None
-        col = {h: i for i, h in enumerate(header)}
+        except csv.Error as e:
+            raise CorpusError(source, 1, f"malformed CSV header: {e}") from None
+        col = {h.strip(): i for i, h in enumerate(header)}
         missing = [names[k] for k in ("title", "abstract") if names[k] not in col]
         if missing:
             raise CorpusError(source, 1, f"CSV header lacks column(s) {missing}; it has {header}")
         end = reader.line_num
-        for row in reader:
-            start, end = end + 1, reader.line_num
+        while True:
+            start = end + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                # The parser has lost its place (say, an unbalanced quote ran past the field size
+                # limit): what follows cannot be trusted, so this stops the run in every mode.
+                raise CorpusError(source, start, f"malformed CSV: {e}") from None
+            end = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
                 yield Reject(source, start, f"row has {len(row)} fields, header has {len(header)}")
                 continue
-            get = lambda key: row[col[names[key]]] if names[key] in col else None  # noqa: E731
+            values = {key: row[col[name]] if name in col else None for key, name in names.items()}
             try:
-                cats = _parse_categories(get("categories") or "")
-            except (ValueError, SyntaxError):
-                yield Reject(source, start, f"unparseable categories {get('categories')!r}")
+                values["categories"] = _parse_categories(values["categories"] or "")
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                yield Reject(source, start, f"unparseable categories {values['categories'][:80]!r}")
                 continue
-            pid = get("id") or f"{id_prefix}-{start:06d}"
-            yield _make_paper(source, start, pid, get("title"), get("abstract"), cats, max_chars)
+            yield _make_paper(source, start, values["id"], values["title"], values["abstract"],
+                              values["categories"], max_chars, id_prefix)
 
 
 _READERS = {"seed": read_seed_dump, "jsonl": read_jsonl, "arxiv": read_jsonl, "csv": read_csv}
 
 
 def read_source(path: str | Path, fmt: str | None = None, **options: Any) -> Iterator[Paper | Reject]:
+    """One file (or `-` for stdin) as a stream of `Paper` and `Reject`; `fmt` defaults to a guess
+    from the file name."""
     fmt = fmt or detect_format(path)
     if fmt not in _READERS:
         raise CorpusError(str(path), 0, f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if str(path) != "-" and not Path(path).is_file():
+    if str(path) != "-" and not Path(path).exists():
         raise CorpusError(str(path), 0, "no such file")
+    if str(path) != "-" and Path(path).is_dir():
+        raise CorpusError(str(path), 0, "is a directory, expected a file")
     return _READERS[fmt](path, **options)
 
 
@@ -249,24 +380,26 @@ def read_corpus(
 ) -> Iterator[Paper]:
     """Stream the papers of every configured source in order.
 
-    `sources` maps a source name to {path, format?, id_prefix?, fields?}.
-    With on_error="skip", rejects are appended to `rejects_path` as JSON lines.
+    `sources` maps a source name to {path, format?, id_prefix?, fields?}; ids default to
+    `{name}-{line}` where a record has none. With on_error="skip", each bad record becomes a line
+    {file, line, reason} of `rejects_path` (rewritten on each call), or a logged warning without one.
     Pass a `CorpusStats` to read the accounting once the stream is exhausted.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+    for name, spec in sources.items():
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        if unknown or "path" not in spec:
+            raise ValueError(f"data.sources.{name}: needs 'path', may have {SOURCE_KEYS}; unknown keys {unknown}")
     stats = stats if stats is not None else CorpusStats()
-    seen: set[bytes] = set()
-    rejects_file = None
+    seen = _TitleDigests()
+    rejects_file = open(rejects_path, "w", encoding="utf-8") if on_error == "skip" and rejects_path else None
     try:
         for name, spec in sources.items():
-            spec = dict(spec)
-            path = spec.pop("path")
-            fmt = spec.pop("format", None)
-            spec.setdefault("id_prefix", name)
-            spec["max_chars"] = max_chars
+            options = {k: v for k, v in spec.items() if k not in ("path", "format") and v is not None}
+            options.setdefault("id_prefix", name)
             per = stats.per_source.setdefault(name, {"read": 0, "kept": 0, "duplicates": 0, "rejected": 0})
-            for item in read_source(path, fmt, **{k: v for k, v in spec.items() if v is not None}):
+            for item in read_source(spec["path"], spec.get("format"), max_chars=max_chars, **options):
                 stats.read += 1
                 per["read"] += 1
                 if isinstance(item, Reject):
@@ -274,41 +407,50 @@ def read_corpus(
                         raise CorpusError(item.source, item.line, item.reason)
                     stats.rejected += 1
                     per["rejected"] += 1
-                    if rejects_path is not None:
-                        if rejects_file is None:
-                            rejects_file = open(rejects_path, "a", encoding="utf-8")
-                        rejects_file.write(json.dumps(asdict(item)) + "\n")
+                    if rejects_file is not None:
+                        rejects_file.write(item.to_json() + "\n")
+                    else:
+                        log.warning("skipped %s", item)
                     continue
-                if dedupe:
-                    key = hashlib.blake2b(title_key(item.title).encode(), digest_size=8).digest()
-                    if key in seen:
-                        stats.duplicates += 1
-                        per["duplicates"] += 1
-                        continue
-                    seen.add(key)
+                if dedupe and not seen.add(title_key(item.title)):
+                    stats.duplicates += 1
+                    per["duplicates"] += 1
+                    continue
                 stats.kept += 1
                 per["kept"] += 1
                 yield item
+            log.info("%s: read %d = kept %d + duplicates %d + rejected %d",
+                     name, per["read"], per["kept"], per["duplicates"], per["rejected"])
+        if stats.rejected and rejects_file is not None:
+            log.warning("%d bad records skipped, listed in %s", stats.rejected, rejects_path)
     finally:
         if rejects_file is not None:
             rejects_file.close()
 
 
 def read_gold(path: str | Path, known_tags: Iterable[str]) -> dict[str, list[str]]:
-    """Gold dev labels: {paper id: [tag ids]}. Unknown tags are an error, not a silent miss."""
+    """Gold dev labels: {paper id: [tag ids]}. Unknown tags or a repeated id are an error, not a silent miss."""
     known = set(known_tags)
     gold: dict[str, list[str]] = {}
+    source = str(path)
     with open_text(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_lines(source, f), start=1):
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
-                pid, tags = rec["id"], rec["tags"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorpusError(str(path), lineno, f"expected {{id, tags}}: {e}") from None
+            except json.JSONDecodeError as e:
+                raise CorpusError(source, lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
+            pid = rec.get("id") if isinstance(rec, dict) else None
+            tags = rec.get("tags") if isinstance(rec, dict) else None
+            if not isinstance(pid, str) or not pid or _SURROGATE.search(pid):
+                raise CorpusError(source, lineno, "expected an object with a string 'id' and a list 'tags'")
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise CorpusError(source, lineno, f"{pid}: 'tags' must be a list of tag ids")
             unknown = sorted(set(tags) - known)
             if unknown:
-                raise CorpusError(str(path), lineno, f"unknown tag(s) {unknown}")
+                raise CorpusError(source, lineno, f"{pid}: unknown tag(s) {unknown}")
+            if pid in gold:
+                raise CorpusError(source, lineno, f"{pid}: listed twice")
             gold[pid] = list(tags)
     return gold
