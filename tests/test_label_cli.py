@@ -1,0 +1,131 @@
+"""label.py end to end on a tiny corpus, in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PAPERS = [
+    ("t01", "Causal effect estimation with instrumental variables",
+     "We estimate average treatment effects under unobserved confounding using instruments.", []),
+    ("t02", "Chain-of-thought prompting improves mathematical reasoning in large language models",
+     "We study step-by-step reasoning traces of language models on math word problems.", ["cs.CL"]),
+    ("t03", "Quantization and pruning for efficient inference of large language models",
+     "We reduce latency and memory footprint of LLM serving with 4-bit quantization.", ["cs.CL", "cs.LG"]),
+    ("t04", "Semantic segmentation of street scenes with vision transformers",
+     "We label every pixel of driving images with a transformer backbone.", ["cs.CV"]),
+    ("t05", "Membership inference attacks against fine-tuned models",
+     "An adversary infers whether a record was in the training data; we audit privacy leakage.", ["cs.CR"]),
+    ("t06", "Speech recognition for low-resource languages",
+     "We train acoustic models on spoken audio and report word error rates.", ["eess.AS"]),
+    ("t07", "Variational inference for Gaussian process models",
+     "We derive a tighter evidence lower bound for sparse Gaussian process posteriors.", ["stat.ML"]),
+    ("t08", "Conformal prediction sets with coverage guarantees",
+     "We build distribution-free prediction sets and study calibration of uncertainty.", ["stat.ML"]),
+    ("t09", "Diffusion models for high-resolution image generation",
+     "A latent diffusion model generates images from text prompts.", ["cs.CV"]),
+    ("t10", "Satellite imagery for crop yield prediction",
+     "We use remote sensing time series from Sentinel-2 to predict yields across regions.", []),
+    ("t11", "Offline reinforcement learning with learned world models",
+     "An agent learns a policy from logged rewards without environment interaction.", ["cs.LG"]),
+    ("t12", "A benchmark for open-domain question answering",
+     "We introduce a new dataset and evaluate language models on questions about documents.", ["cs.CL"]),
+]
+GOLD = {"t01": ["causal-inference"], "t02": ["llm-reasoning", "nlp"], "t04": ["computer-vision"],
+        "t05": ["security-privacy"], "t06": ["speech-audio"], "t12": ["evaluation-benchmarks", "nlp"]}
+
+
+def write_corpus(path: Path, extra_lines: list[str] = ()) -> None:
+    lines = [json.dumps({"id": i, "title": t, "abstract": a, "categories": c}) for i, t, a, c in PAPERS]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n", encoding="utf-8")
+
+
+def run_label(root: Path, tmp: Path, corpus: Path, *overrides: str,
+              run_dir: str = "run") -> subprocess.CompletedProcess:
+    gold = tmp / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"id": k, "tags": v}) + "\n" for k, v in GOLD.items()))
+    cmd = [sys.executable, str(root / "label.py"), f"hydra.run.dir={tmp / run_dir}", f"paths.cache_dir={tmp / 'cache'}",
+           "~data.sources", f"+data.sources={{tiny:{{path:'{corpus}',format:jsonl}}}}", f"data.gold_dev={gold}",
+           *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=300)
+
+
+def check_outputs(run_dir: Path, tag_ids: list[str], n_papers: int) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "weak_labels.jsonl").read_text().splitlines()]
+    assert len(rows) == n_papers
+    for row in rows:
+        assert set(row) == {"id", "title", "tags", "probs"}
+        assert list(row["probs"]) == tag_ids
+        assert all(0.0 <= p <= 1.0 for p in row["probs"].values())
+        assert row["tags"] == [t for t in tag_ids if row["probs"][t] >= 0.5]
+    report = json.loads((run_dir / "lf_report.json").read_text())
+    gold = report["gold"]
+    assert gold["n_papers"] == len(GOLD)
+    assert {"micro_f1", "macro_f1", "per_tag"} <= set(gold["label_model"])
+    assert set(gold["label_model"]["per_tag"]) == set(tag_ids)
+    assert {"majority", "learned", "functions"} <= set(gold)
+    md = (run_dir / "lf_report.md").read_text()
+    assert "| majority |" in md and "| learned |" in md and "keyword_title" in md
+    return rows
+
+
+@pytest.mark.slow
+def test_label_cli_with_minilm_writes_documented_outputs(root, tmp_path, taxonomy):
+    corpus = tmp_path / "tiny.jsonl"
+    write_corpus(corpus)
+    proc = run_label(root, tmp_path, corpus)
+    assert proc.returncode == 0, proc.stderr
+    assert f"read {len(PAPERS)} = kept {len(PAPERS)} + duplicates 0 + rejected 0" in proc.stdout + proc.stderr
+    assert "| learned |" in proc.stdout
+    rows = check_outputs(tmp_path / "run", taxonomy.ids, len(PAPERS))
+    report = json.loads((tmp_path / "run/lf_report.json").read_text())
+    assert "embedding" in report["functions"]
+    by_id = {r["id"]: r for r in rows}
+    assert "causal-inference" in by_id["t01"]["tags"] and "speech-audio" in by_id["t06"]["tags"]
+    assert report["gold"]["label_model"]["micro_f1"] >= 0.6
+    assert not (tmp_path / "run/rejects.jsonl").exists()
+
+
+def test_second_run_hits_the_cache(root, tmp_path, taxonomy):
+    corpus = tmp_path / "tiny.jsonl"
+    write_corpus(corpus)
+    first = run_label(root, tmp_path, corpus, "labeling=rules", run_dir="a")
+    assert first.returncode == 0, first.stderr
+    assert "cached" not in first.stdout + first.stderr
+    second = run_label(root, tmp_path, corpus, "labeling=rules", run_dir="b")
+    assert second.returncode == 0, second.stderr
+    assert "(cached:" in second.stdout + second.stderr
+    check_outputs(tmp_path / "b", taxonomy.ids, len(PAPERS))
+    assert (tmp_path / "a/weak_labels.jsonl").read_text() == (tmp_path / "b/weak_labels.jsonl").read_text()
+    # A different label model is a different result: no stale cache.
+    third = run_label(root, tmp_path, corpus, "labeling=rules", "labeling.model=majority", run_dir="c")
+    assert third.returncode == 0, third.stderr
+    assert "cached" not in third.stdout + third.stderr
+    assert json.loads((tmp_path / "c/lf_report.json").read_text())["model"] == "majority"
+
+
+def test_on_error_skip_accounts_for_every_record(root, tmp_path, taxonomy):
+    corpus = tmp_path / "tiny.jsonl"
+    bad = ['{"id": "x1", "title": "Broken', json.dumps({"id": "x2", "title": "No abstract", "abstract": ""}),
+           json.dumps({"id": "x3", "title": PAPERS[0][1].upper(), "abstract": "Same title, other case."})]
+    write_corpus(corpus, bad)
+    proc = run_label(root, tmp_path, corpus, "labeling=rules", "data.on_error=skip")
+    assert proc.returncode == 0, proc.stderr
+    assert f"read {len(PAPERS) + 3} = kept {len(PAPERS)} + duplicates 1 + rejected 2" in proc.stdout + proc.stderr
+    rejects = [json.loads(line) for line in (tmp_path / "run/rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [len(PAPERS) + 1, len(PAPERS) + 2]
+    assert "malformed JSON" in rejects[0]["reason"] and "abstract" in rejects[1]["reason"]
+    check_outputs(tmp_path / "run", taxonomy.ids, len(PAPERS))
+
+
+def test_on_error_raise_names_file_and_line(root, tmp_path):
+    corpus = tmp_path / "tiny.jsonl"
+    write_corpus(corpus, ['{"id": "x1", "title": "Broken'])
+    proc = run_label(root, tmp_path, corpus, "labeling=rules")
+    assert proc.returncode != 0
+    assert f"{corpus}:{len(PAPERS) + 1}: malformed JSON" in proc.stderr
+    assert not (tmp_path / "run/weak_labels.jsonl").exists()

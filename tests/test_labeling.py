@@ -1,0 +1,206 @@
+"""Labelling functions on hand-written papers, the label models on synthetic votes with known
+function accuracies, the embedding cache and the result cache key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from abstract_tagger.corpus import Paper
+from abstract_tagger.labeling import cache_key
+from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, text_key
+from abstract_tagger.labeling.functions import (
+    ABSTAIN, NEGATIVE, POSITIVE, ArxivFunction, EmbeddingFunction, KeywordFunctions, build_functions,
+)
+from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote, make_label_model
+from abstract_tagger.labeling.report import score
+
+
+def paper(title: str, abstract: str = "We report experiments.", categories: tuple[str, ...] = ()) -> Paper:
+    return Paper(id=title[:20], title=title, abstract=abstract, categories=categories)
+
+
+@pytest.fixture(scope="module")
+def labeling_cfg(root):
+    return OmegaConf.to_container(OmegaConf.load(root / "conf/labeling/default.yaml"))
+
+
+@pytest.fixture(scope="module")
+def keywords(taxonomy, labeling_cfg):
+    return KeywordFunctions(taxonomy, labeling_cfg["keywords"]["min_abstract_hits"])
+
+
+def test_every_tag_has_evidence(taxonomy):
+    for tag in taxonomy.tags:
+        assert tag.keywords.get("patterns"), tag.id
+        assert len(tag.prototypes) >= 3, tag.id
+
+
+def test_keyword_title_votes_causal_inference(taxonomy, keywords):
+    votes = keywords([paper("Causal effect estimation with instrumental variables")])
+    c = taxonomy.index("causal-inference")
+    assert votes[0, 0, c] == POSITIVE
+    # No evidence for an unrelated tag anywhere in the paper: the abstract function says no.
+    assert votes[0, 1, taxonomy.index("speech-audio")] == NEGATIVE
+    assert votes[0, 0, taxonomy.index("speech-audio")] == ABSTAIN
+
+
+def test_title_evidence_outweighs_abstract(taxonomy, keywords):
+    c = taxonomy.index("speech-audio")
+    in_title = paper("Robust speech recognition for children", "We fine-tune a pretrained model.")
+    once_in_abstract = paper("Robust recognition for children", "We fine-tune a pretrained model on speech.")
+    nowhere = paper("Robust recognition for children", "We fine-tune a pretrained model.")
+    votes = keywords([in_title, once_in_abstract, nowhere])
+    assert votes[:, :, c].tolist() == [[POSITIVE, ABSTAIN], [ABSTAIN, ABSTAIN], [ABSTAIN, NEGATIVE]]
+    probs = MajorityVote().predict_proba(votes)[:, c]
+    assert probs.tolist() == [1.0, 0.0, 0.0]
+    # Two distinct abstract patterns are enough without the title.
+    twice = paper("Robust recognition for children", "We fine-tune a pretrained model on speech and music audio.")
+    assert keywords([twice])[0, :, c].tolist() == [ABSTAIN, POSITIVE]
+
+
+def test_abstract_counts_distinct_patterns_not_inflections(taxonomy, keywords):
+    e = taxonomy.index("evaluation-benchmarks")
+    votes = keywords([paper("A method", "Our benchmark results beat benchmarks and benchmarking baselines.")])
+    assert votes[0, 1, e] == ABSTAIN
+
+
+def test_title_only_patterns_do_not_fire_in_the_abstract(taxonomy, keywords):
+    e = taxonomy.index("evaluation-benchmarks")
+    votes = keywords([paper("A dataset of annotated dialogues", "We collect dialogues."),
+                      paper("Dialogue policies", "We train on a dataset of dialogues.")])
+    assert votes[0, 0, e] == POSITIVE and votes[1, 0, e] == ABSTAIN
+
+
+def test_causal_language_modelling_is_not_causal_inference(taxonomy, keywords):
+    votes = keywords([paper("Causal language model pretraining at scale")])
+    assert votes[0, 0, taxonomy.index("causal-inference")] == ABSTAIN
+
+
+def test_arxiv_function_maps_categories(taxonomy):
+    arxiv = ArxivFunction(taxonomy)
+    votes = arxiv([paper("A", categories=("cs.CV", "cs.LG")), paper("B", categories=("q-bio.QM",)),
+                   paper("C", categories=("cs.LG", "stat.ML")), paper("D")])
+    assert votes.shape == (4, 1, len(taxonomy))
+    assert np.flatnonzero(votes[0, 0] == POSITIVE).tolist() == [taxonomy.index("computer-vision")]
+    assert votes[1, 0, taxonomy.index("health-biology")] == POSITIVE
+    assert (votes[2:] == ABSTAIN).all()
+
+
+class FakeEncoder:
+    """Bag of words over a fixed vocabulary: similarity is word overlap, no model needed."""
+
+    vocab = ["speech", "audio", "image", "causal", "effect"]
+
+    def encode(self, texts):
+        v = np.array([[t.lower().count(w) for w in self.vocab] for t in texts], dtype=np.float32) + 1e-3
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_embedding_margins_per_tag(taxonomy, labeling_cfg):
+    margins = {"positive": 0.5, "negative": 0.2,
+               "per_tag": {"speech-audio": {"positive": 0.9},
+                           "evaluation-benchmarks": {"positive": None, "negative": None}}}
+    f = EmbeddingFunction(taxonomy, FakeEncoder(), margins)
+    sims = f.similarities([paper("speech audio speech"), paper("images")])
+    votes = f([paper("speech audio speech"), paper("images")])
+    s = taxonomy.index("speech-audio")
+    assert sims[0, s] > 0.9 and votes[0, 0, s] == POSITIVE
+    assert votes[1, 0, s] == NEGATIVE
+    assert (votes[:, 0, taxonomy.index("evaluation-benchmarks")] == ABSTAIN).all()
+    with pytest.raises(ValueError, match="unknown tag"):
+        EmbeddingFunction(taxonomy, FakeEncoder(), {**margins, "per_tag": {"nope": {}}})
+
+
+def test_build_functions_rejects_unknown_function(taxonomy, labeling_cfg):
+    with pytest.raises(ValueError, match="unknown function"):
+        build_functions(taxonomy, {**labeling_cfg, "functions": ["keywords", "oracle"]})
+    rules = build_functions(taxonomy, {**labeling_cfg, "functions": ["keywords", "arxiv"]})
+    assert rules.names == ["keyword_title", "keyword_abstract", "arxiv"]
+
+
+def synthetic_votes(n=4000, accuracies=(0.92, 0.85, 0.75, 0.7, 0.6), coverage=0.7, prior=0.3, seed=0):
+    """Votes of conditionally independent functions with known accuracies on one tag."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < prior
+    votes = np.full((n, len(accuracies), 1), ABSTAIN, dtype=np.int8)
+    for j, acc in enumerate(accuracies):
+        fires = rng.random(n) < coverage
+        right = rng.random(n) < acc
+        votes[fires, j, 0] = np.where(right[fires], y[fires], ~y[fires]).astype(np.int8)
+    return votes, y
+
+
+def test_learned_label_model_recovers_accuracies_and_beats_majority(labeling_cfg):
+    accuracies = (0.92, 0.85, 0.75, 0.7, 0.6)
+    votes, y = synthetic_votes(accuracies=accuracies)
+    model = LearnedLabelModel(labeling_cfg["label_model"]).fit(votes)
+    estimated = np.array([model.accuracies()[0][j] for j in range(len(accuracies))])
+    np.testing.assert_allclose(estimated, accuracies, atol=0.07)
+    learned = (model.predict_proba(votes)[:, 0] >= 0.5) == y
+    majority = (MajorityVote().predict_proba(votes)[:, 0] >= 0.5) == y
+    assert learned.mean() > majority.mean() + 0.02
+
+
+def test_learned_label_model_falls_back_to_majority_with_two_functions(labeling_cfg):
+    votes, _ = synthetic_votes(n=200, accuracies=(0.9, 0.8))
+    model = LearnedLabelModel(labeling_cfg["label_model"]).fit(votes)
+    np.testing.assert_allclose(model.predict_proba(votes), MajorityVote().predict_proba(votes))
+
+
+def test_make_label_model_rejects_unknown_kind(labeling_cfg):
+    with pytest.raises(ValueError, match="labeling.model must be one of"):
+        make_label_model("oracle", labeling_cfg["label_model"])
+
+
+def test_score_micro_macro():
+    gold = np.array([[1, 0], [1, 1], [0, 0]], dtype=bool)
+    pred = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
+    s = score(pred, gold, ["a", "b"])
+    assert s["per_tag"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert s["micro_f1"] == pytest.approx(4 / 7) and s["macro_f1"] == pytest.approx(7 / 12)
+
+
+def test_embedding_cache_round_trip(tmp_path):
+    cache = EmbeddingCache(tmp_path / "e.npz")
+    keys = [text_key("a"), text_key("b")]
+    cache.add(keys, np.eye(2, dtype=np.float32))
+    again = EmbeddingCache(tmp_path / "e.npz")
+    assert again.get([keys[1], text_key("c")])[0].tolist() == [0.0, 1.0]
+    assert again.get([text_key("c")]) == [None]
+
+
+def test_cache_key_tracks_inputs(root, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"title": "A", "abstract": "B"}\n')
+    cfg = OmegaConf.create({
+        "data": {"sources": {"c": {"path": str(corpus), "format": "jsonl"}}, "gold_dev": None},
+        "taxonomy": OmegaConf.load(root / "conf/taxonomy/default.yaml"),
+        "labeling": OmegaConf.load(root / "conf/labeling/default.yaml"),
+    })
+    key = cache_key(cfg)
+    cfg.labeling.cache = False
+    assert cache_key(cfg) == key
+    cfg.labeling.keywords.min_abstract_hits = 3
+    assert cache_key(cfg) != key
+    cfg.labeling.keywords.min_abstract_hits = 2
+    corpus.write_text('{"title": "A", "abstract": "C"}\n')
+    assert cache_key(cfg) != key
+
+
+@pytest.mark.slow
+def test_minilm_embedding_function_and_cache(taxonomy, labeling_cfg, tmp_path, monkeypatch):
+    encoder = SentenceEncoder(cache=EmbeddingCache(tmp_path / "e.npz"))
+    f = EmbeddingFunction(taxonomy, encoder, labeling_cfg["embedding"]["margins"])
+    papers = [paper("End-to-end automatic speech recognition for low-resource languages",
+                    "We train an acoustic model on spoken audio and report word error rates."),
+              paper("Membership inference attacks against machine learning models",
+                    "An adversary queries a trained model to infer whether a record was in its training data.")]
+    sims = f.similarities(papers)
+    assert taxonomy.ids[int(sims[0].argmax())] == "speech-audio"
+    assert taxonomy.ids[int(sims[1].argmax())] == "security-privacy"
+    assert f(papers)[0, 0, taxonomy.index("speech-audio")] == POSITIVE
+    # Every text is cached now: a second pass embeds nothing.
+    monkeypatch.setattr(encoder, "_embed", lambda texts: pytest.fail(f"re-embedded {len(texts)} texts"))
+    np.testing.assert_allclose(f.similarities(papers), sims)
