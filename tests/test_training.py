@@ -1,0 +1,184 @@
+"""The training loop in-process on a tiny randomly initialised BERT with synthetic soft targets:
+loss falls, kill-and-resume equals an uninterrupted run, backbone fallback, config checks,
+thresholds and export."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+
+from abstract_tagger import thresholds as thr
+from abstract_tagger import training
+from abstract_tagger.checkpoint import export_checkpoint, load_thresholds
+from abstract_tagger.config_checks import ConfigError, register_resolvers, validate
+from abstract_tagger.corpus import read_seed_dump
+from abstract_tagger.model import BUNDLED_MINILM, BackboneUnavailable, load_backbone, resolve_path
+
+
+def make_cfg(root, *overrides):
+    register_resolvers()
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        return compose("train", overrides=["model=tiny", "logger=none", "trainer.precision=no", *overrides])
+
+
+@pytest.fixture(scope="module")
+def papers(root):
+    return [p for p in read_seed_dump(root / "data/hf_papers_seed.txt")][:48]
+
+
+def synthetic_targets(papers, taxonomy):
+    """Learnable soft targets: a tag is likely when a word of its name occurs in the text."""
+    words = [t.name.split()[0].lower() for t in taxonomy.tags]
+    return np.array([[0.9 if w in p.text.lower() else 0.05 for w in words] for p in papers], dtype=np.float32)
+
+
+def fit(cfg, papers, taxonomy, run_dir):
+    probs = synthetic_targets(papers, taxonomy)
+    dev = papers[-8:]
+    return training.fit(cfg, training.make_accelerator(cfg), papers[:-8], probs[:-8], dev,
+                        (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids, run_dir)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_falls_and_export_loads(root, papers, taxonomy, tmp_path):
+    # Unweighted BCE, so the loss values are comparable from the first step to the last.
+    cfg = make_cfg(root, "trainer.epochs=6", "trainer.batch_size=8", "trainer.log_every=1", "trainer.lr=3e-3",
+                   "trainer.pos_weight=null")
+    result = fit(cfg, papers, taxonomy, tmp_path)
+    assert np.mean(result.losses[-3:]) < 0.8 * np.mean(result.losses[:3]), result.losses
+    assert len(result.epoch_metrics) == 6
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["batch-25", "batch-30"]  # keep_states=2
+
+    thresholds = {t: 0.3 for t in taxonomy.ids}
+    out = export_checkpoint(result.backbone.model, result.backbone.tokenizer, tmp_path / "checkpoint",
+                            thresholds=thresholds, taxonomy=taxonomy, max_length=64, dtype="float16", card="# card\n")
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.problem_type == "multi_label_classification"
+    assert [model.config.id2label[i] for i in range(18)] == taxonomy.ids
+    assert next(model.parameters()).dtype == torch.float16
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 64
+    assert load_thresholds(out) == thresholds
+    # Atomic overwrite: a second export replaces the first and leaves no temp dirs behind.
+    export_checkpoint(result.backbone.model, result.backbone.tokenizer, out, thresholds=thresholds,
+                      taxonomy=taxonomy, max_length=64, card="")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "state"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(root, papers, taxonomy, tmp_path, monkeypatch):
+    # 40 training papers / batch 8 = 5 batches an epoch; states at batches 2, 4, 5 (epoch end), 6, 8, 10
+    overrides = ["trainer.epochs=2", "trainer.batch_size=8", "trainer.save_every=2", "trainer.keep_states=5"]
+    full = weights(fit(make_cfg(root, *overrides), papers, taxonomy, tmp_path / "full").backbone.model)
+
+    save_state = Accelerator.save_state
+
+    def save_then_die(self, output_dir, **kw):
+        save_state(self, output_dir, **kw)
+        if output_dir.endswith("batch-8"):  # mid-epoch 2: resuming must skip the batches already seen
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_cfg(root, *overrides), papers, taxonomy, tmp_path / "killed")
+    monkeypatch.undo()
+    resumed = weights(fit(make_cfg(root, *overrides, "trainer.resume=auto"), papers, taxonomy,
+                          tmp_path / "killed").backbone.model)
+    assert resumed.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+    # And it really differs from the state it resumed from.
+    fresh = weights(fit(make_cfg(root, "trainer.epochs=1", "trainer.batch_size=8"), papers, taxonomy,
+                        tmp_path / "one").backbone.model)
+    assert not torch.allclose(fresh["classifier.weight"], full["classifier.weight"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, taxonomy):
+    """A pretrained-style encoder directory (no classification head), as a local fallback."""
+    path = tmp_path_factory.mktemp("tiny-backbone")
+    tok = AutoTokenizer.from_pretrained(resolve_path(BUNDLED_MINILM))
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_fallback_warns_and_trains(root, papers, taxonomy, tiny_model_dir, tmp_path, caplog):
+    cfg = make_cfg(root, "model=scibert", f"model.name_or_path={tmp_path}/no-such-model",
+                   f"model.fallback={tiny_model_dir}", "model.max_length=32", "trainer.epochs=1")
+    with caplog.at_level(logging.WARNING, logger="abstract_tagger.model"):
+        result = fit(cfg, papers, taxonomy, tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "abstract_tagger.model"]
+    assert len(warnings) == 1 and "falling back" in warnings[0] and str(tiny_model_dir) in warnings[0]
+    assert result.backbone.fell_back and result.backbone.source == str(tiny_model_dir)
+    assert result.backbone.model.config.num_labels == 18
+    assert result.losses
+
+
+def test_missing_backbone_without_fallback_is_a_clear_error(root, taxonomy, tmp_path):
+    cfg = make_cfg(root, "model=scibert", f"model.name_or_path={tmp_path}/nope", "model.fallback=null")
+    with pytest.raises(BackboneUnavailable, match=r"model.name_or_path=.*nope.*model.fallback is null"):
+        load_backbone(cfg.model, taxonomy.ids)
+
+
+def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_cfg(root, "model=scibert", "model.name_or_path=allenai/not-a-cached-model", "model.fallback=null")
+    start = time.perf_counter()
+    with pytest.raises(BackboneUnavailable, match="HF_HUB_OFFLINE"):
+        load_backbone(cfg.model, taxonomy.ids)
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.lr=0", "trainer.lr"),
+    ("trainer.lr=-1e-5", "trainer.lr"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("+trainer.pos_weight={not-a-tag: 2.0}", "trainer.pos_weight"),
+    ("data.gold_dev=/no/such/gold.jsonl", "data.gold_dev"),
+    ("data.sources.seed.path=/no/such/seed.txt", "data.sources.seed.path"),
+    ("trainer.resume=/no/such/state", "trainer.resume"),
+    ("export.dtype=int8", "export.dtype"),
+])
+def test_bad_config_values_name_the_key(root, taxonomy, override, key):
+    cfg = make_cfg(root, override.replace("+trainer.pos_weight", "trainer.pos_weight"))
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        validate(cfg, taxonomy.ids)
+
+
+def test_default_config_is_valid(root, taxonomy):
+    validate(make_cfg(root), taxonomy.ids)
+    validate(make_cfg(root, "model=minilm", "trainer.pos_weight={nlp: 2.0}"), taxonomy.ids)
+
+
+def test_kfold_thresholds_are_not_tuned_on_the_scored_papers():
+    rng = np.random.default_rng(0)
+    gold = (rng.random((60, 3)) < 0.3).astype(np.int8)
+    noise = rng.random((60, 3))  # scores unrelated to gold: tuned-on-self F1 is optimistic, k-fold is not
+    tuned_on_self = thr.score(noise >= thr.tune(noise, gold), gold, ["a", "b", "c"])["micro_f1"]
+    kfold = thr.score(thr.kfold_predictions(noise, gold, k=5), gold, ["a", "b", "c"])["micro_f1"]
+    assert kfold < tuned_on_self
+    separable = np.where(gold == 1, 0.7, 0.2) + 0.05 * rng.random((60, 3))
+    assert thr.evaluate_probs(separable, gold, ["a", "b", "c"])["tuned_kfold"]["micro_f1"] == 1.0
+    assert all(0.25 <= v <= 0.7 for v in thr.tune(separable, gold))
+
+
+def test_review_ranks_biggest_disagreements_first(tmp_path, papers):
+    weak = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.1]], dtype=np.float32)
+    model = np.array([[0.9, 0.1], [0.1, 0.9], [0.4, 0.1]], dtype=np.float32)
+    training.write_review(tmp_path / "review.jsonl", papers[:3], model, weak, np.array([0.5, 0.5]), 0.5,
+                          ["a", "b"], {papers[1].id: ["b"]}, size=10)
+    rows = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [papers[1].id, papers[2].id]  # paper 0 agrees: not listed
+    assert rows[0]["model_tags"] == ["b"] and rows[0]["weak_tags"] == ["a"] and rows[0]["gold_tags"] == ["b"]
+    assert set(rows[0]["differences"]) == {"a", "b"}

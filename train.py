@@ -1,0 +1,39 @@
+"""Fine-tune the tagger on weak labels: `python train.py [group=option ...] [key=value ...]`.
+
+    python train.py model=minilm                 # bundled MiniLM, CPU-friendly
+    python train.py -m trainer.lr=1e-5,3e-5      # sweep, one directory per run
+    torchrun --nproc_per_node 2 train.py ...     # DDP (also: accelerate launch train.py ...)
+    python train.py hydra.run.dir=DIR trainer.resume=auto   # continue a killed run in DIR
+"""
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+from abstract_tagger.config_checks import ConfigError, register_resolvers  # noqa: E402
+
+register_resolvers()
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from abstract_tagger.model import BackboneUnavailable
+    from abstract_tagger.training import run
+
+    try:
+        summary = run(cfg)
+    except (ConfigError, BackboneUnavailable) as e:
+        log.error("%s", e)
+        sys.exit(f"error: {e}")
+    # Returned for sweepers (e.g. Optuna): the honest dev micro-F1.
+    return summary["dev"]["model, tuned thresholds (k-fold)"]["micro_f1"] if summary else None
+
+
+if __name__ == "__main__":
+    main()
