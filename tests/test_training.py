@@ -122,6 +122,20 @@ def test_fallback_warns_and_trains(root, papers, taxonomy, tiny_model_dir, tmp_p
     assert result.losses
 
 
+def test_fallback_trains_with_its_own_settings(root, papers, taxonomy, tiny_model_dir, tmp_path):
+    """SciBERT's learning rates collapse the bundled MiniLM: the fallback brings its own."""
+    cfg = make_cfg(root, "model=scibert", f"model.name_or_path={tmp_path}/no-such-model",
+                   f"model.fallback.name_or_path={tiny_model_dir}", "model.fallback.max_length=24",
+                   "model.fallback.lr=0.0123", "model.fallback.head_lr=0.0456", "trainer.epochs=1")
+    result = fit(cfg, papers, taxonomy, tmp_path / "run")
+    assert result.backbone.fell_back
+    assert (cfg.model.max_length, cfg.trainer.lr, cfg.trainer.head_lr) == (24, 0.0123, 0.0456)
+    explicit = make_cfg(root, "model=scibert", f"model.name_or_path={tmp_path}/no-such-model",
+                        f"model.fallback.name_or_path={tiny_model_dir}", "trainer.lr=0.002", "trainer.epochs=1")
+    fit(explicit, papers, taxonomy, tmp_path / "run2")
+    assert explicit.trainer.lr == 0.002 and explicit.trainer.head_lr == 3e-3
+
+
 def test_missing_backbone_without_fallback_is_a_clear_error(root, taxonomy, tmp_path):
     cfg = make_cfg(root, "model=scibert", f"model.name_or_path={tmp_path}/nope", "model.fallback=null")
     with pytest.raises(BackboneUnavailable, match=r"model.name_or_path=.*nope.*model.fallback is null"):

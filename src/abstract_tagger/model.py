@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     source: str  # what was actually loaded: a Hub id or a local path
     fell_back: bool = False
+    # Model settings (max_length, lr, head_lr) the fallback trains with instead of the primary's.
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 def describe(name_or_path: str) -> str:
@@ -109,13 +111,16 @@ def load_backbone(model_cfg: Mapping[str, Any], tag_ids: list[str]) -> Backbone:
         return Backbone(model, tokenizer, source=describe(model_cfg["name_or_path"]))
     except OSError as e:
         fallback = model_cfg.get("fallback")
+        if isinstance(fallback, str):
+            fallback = {"name_or_path": fallback}
         if not fallback:
             raise BackboneUnavailable(
                 f"model.name_or_path={model_cfg['name_or_path']!r} cannot be loaded ({e}) and "
                 "model.fallback is null; set model.name_or_path to a local copy or set model.fallback"
             ) from None
-        fallback_path = resolve_path(fallback)
-        log.warning("backbone %r unavailable (%s); falling back to model.fallback=%s",
-                    model_cfg["name_or_path"], str(e).splitlines()[0][:200], fallback_path)
+        settings = {k: v for k, v in fallback.items() if k != "name_or_path"}
+        fallback_path = resolve_path(fallback["name_or_path"])
+        log.warning("backbone %r unavailable (%s); falling back to %s with %s",
+                    model_cfg["name_or_path"], str(e).splitlines()[0][:200], fallback_path, settings or "the same settings")
         model, tokenizer = _load_pretrained(fallback_path, tag_ids)
-        return Backbone(model, tokenizer, source=describe(fallback), fell_back=True)
+        return Backbone(model, tokenizer, source=describe(fallback["name_or_path"]), fell_back=True, settings=settings)

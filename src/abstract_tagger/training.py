@@ -162,6 +162,10 @@ def fit(
     t = cfg.trainer
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.model, tag_ids)
+    # trainer.lr / head_lr interpolate model.*, so the fallback's own settings take effect here,
+    # while explicit trainer overrides still win.
+    for key, value in backbone.settings.items():
+        cfg.model[key] = value
     model, tokenizer = backbone.model, backbone.tokenizer
     max_length = cfg.model.max_length
 
