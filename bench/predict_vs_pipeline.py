@@ -1,0 +1,248 @@
+"""predict (Tagger / predict.py) against `transformers.pipeline` on the same checkpoint and machine.
+
+    python bench/predict_vs_pipeline.py [--checkpoint DIR] [--rss-checkpoint DIR] [--quick]
+
+Measures, in one run so that ratios are comparable on a shared machine:
+  - steady-state abstracts/s (model loaded and warmed up) of Tagger.scores vs the pipeline in fp32 at
+    batch 32, on the 215 seed abstracts and on 5,000 abstracts (the default corpus repeated);
+  - whole-process abstracts/s: `python predict.py` vs a pipeline script, both from a cold start;
+  - agreement: papers whose tag set (same thresholds) is identical, and the largest score change;
+  - predict's overhead over a bare forward loop on exactly the batches it feeds the model;
+  - peak RSS of predict.py on 10,000 and 100,000 abstracts (each in its own process).
+Results go to bench/out/predict_vs_pipeline.json and are printed as a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from itertools import cycle, islice
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench/out"
+PIPELINE_BATCH = 32
+CHUNK = 1024  # predict.py's default chunk_size
+
+
+def corpus_texts() -> tuple[list[dict], list[dict]]:
+    """(seed papers, default corpus papers) as {id, title, abstract} records."""
+    from abstract_tagger.corpus import Paper, read_source
+
+    def records(items):
+        return [{"id": p.id, "title": p.title, "abstract": p.abstract} for p in items if isinstance(p, Paper)]
+
+    seed = records(read_source(ROOT / "data/hf_papers_seed.txt", "seed"))
+    arxiv = records(read_source(ROOT / "data/arxiv_ml_sample.csv", "csv",
+                                fields={"title": "titles", "abstract": "summaries", "categories": "terms"}))
+    return seed, seed + arxiv
+
+
+def repeat(records: list[dict], n: int) -> list[dict]:
+    return [{**r, "id": f"{r['id']}#{i}"} for i, r in enumerate(islice(cycle(records), n))]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def make_pipeline(checkpoint: Path):
+    import torch
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=str(checkpoint), top_k=None, dtype=torch.float32, device="cpu")
+
+
+def pipeline_scores(pipe, texts: list[str], labels: list[str]) -> np.ndarray:
+    results = pipe(texts, batch_size=PIPELINE_BATCH, truncation=True, max_length=pipe.tokenizer.model_max_length)
+    index = {t: j for j, t in enumerate(labels)}
+    out = np.empty((len(texts), len(labels)), dtype=np.float32)
+    for i, result in enumerate(results):
+        for item in result:
+            out[i, index[item["label"]]] = item["score"]
+    return out
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - start
+
+
+def overhead_vs_bare(tagger, texts: list[str], repeats: int = 3) -> float:
+    """Tagger.scores (tokenizing, batching, restoring order) over the model alone on exactly the
+    batches it builds; best of `repeats` each, interleaved, since the machine is shared."""
+    import torch
+
+    batches = list(tagger.batches(texts))
+    bare, full = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.inference_mode(), tagger.autocast():
+            for _, inputs in batches:
+                torch.sigmoid(tagger.model(**inputs).logits.float()).cpu().numpy()
+        bare.append(time.perf_counter() - start)
+        full.append(timed(tagger.scores, texts)[1])
+    return min(full) / min(bare) - 1
+
+
+def same_tags(a: list[list[str]], b: list[list[str]]) -> float:
+    return float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
+
+
+def steady_state(checkpoint: Path, sets: dict[str, list[dict]]) -> dict:
+    from abstract_tagger import Tagger
+    from abstract_tagger.prediction import as_text
+
+    tagger = Tagger.from_pretrained(checkpoint)
+    thresholds = dict(zip(tagger.labels, tagger.thresholds.tolist()))
+    no_recheck = Tagger(tagger.model, tagger.tokenizer, thresholds, recheck_margin=0)
+    pipe = make_pipeline(checkpoint)
+    results = {"precision": str(tagger.dtype or "fp32"), "batch_size": tagger.batch_size,
+               "max_length": tagger.max_length, "recheck_margin": tagger.recheck_margin}
+    warm = [as_text(r) for r in sets["seed"][:PIPELINE_BATCH]]
+    tagger.scores(warm), pipeline_scores(pipe, warm, tagger.labels)
+    for name, records in sets.items():
+        texts = [as_text(r) for r in records]
+        # Alternating chunk by chunk (predict.py's chunk size) exposes both to the same load on a shared machine.
+        ref, scores, t_pipe, t_pred = [], [], 0.0, 0.0
+        for start in range(0, len(texts), CHUNK):
+            chunk = texts[start:start + CHUNK]
+            out, seconds = timed(pipeline_scores, pipe, chunk, tagger.labels)
+            ref.append(out)
+            t_pipe += seconds
+            out, seconds = timed(tagger.scores, chunk)
+            scores.append(out)
+            t_pred += seconds
+        ref, scores = np.concatenate(ref), np.concatenate(scores)
+        raw = no_recheck.scores(texts)
+        ref_tags = tagger.decide(ref)
+        results[name] = {
+            "n": len(texts),
+            "pipeline_per_s": len(texts) / t_pipe,
+            "predict_per_s": len(texts) / t_pred,
+            "speedup": t_pipe / t_pred,
+            "same_tags": same_tags(tagger.decide(scores), ref_tags),
+            "max_score_diff": float(np.abs(scores - ref).max()),
+            "rechecked": float((np.abs(raw - tagger.thresholds) < tagger.recheck_margin).any(axis=1).mean()),
+            "same_tags_without_recheck": same_tags(no_recheck.decide(raw), ref_tags),
+            "max_score_diff_without_recheck": float(np.abs(raw - ref).max()),
+            "overhead_vs_bare": overhead_vs_bare(no_recheck, texts[:1000]),
+            "mean_tags": float(np.mean([len(t) for t in ref_tags])),
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    return results
+
+
+def run_child(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    output = proc.stdout.read().decode()
+    proc.stdout.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{output[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def predict_cli(checkpoint: Path, input: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "predict.py"), f"input={input}", f"output={input.with_suffix('.tags.jsonl')}",
+            f"checkpoint={checkpoint}", "progress=false"]
+
+
+def whole_process(checkpoint: Path, files: dict[str, Path]) -> dict:
+    results = {}
+    for name, path in files.items():
+        n = sum(1 for _ in open(path))
+        t_pred, _ = run_child(predict_cli(checkpoint, path))
+        t_pipe, _ = run_child([sys.executable, __file__, "--pipeline-worker", str(path),
+                               "--checkpoint", str(checkpoint)])
+        results[name] = {"n": n, "predict_per_s": n / t_pred, "pipeline_per_s": n / t_pipe, "speedup": t_pipe / t_pred}
+        print(name, "whole process", json.dumps(results[name]), flush=True)
+    return results
+
+
+def pipeline_worker(path: Path, checkpoint: Path) -> None:
+    """The pipeline peer of `predict.py`: read JSON lines, tag, write JSON lines."""
+    from abstract_tagger.prediction import as_text
+
+    pipe = make_pipeline(checkpoint)
+    thresholds = json.loads((checkpoint / "thresholds.json").read_text())
+    labels = list(pipe.model.config.id2label.values())
+    records = [json.loads(line) for line in open(path)]
+    scores = pipeline_scores(pipe, [as_text(r) for r in records], labels)
+    cut = np.array([thresholds[t] for t in labels])
+    with open(path.with_suffix(".pipeline.jsonl"), "w") as f:
+        for r, row in zip(records, scores):
+            f.write(json.dumps({"id": r["id"], "tags": [t for t, s, c in zip(labels, row, cut) if s >= c]}) + "\n")
+
+
+def peak_rss(checkpoint: Path, files: dict[str, Path]) -> dict:
+    results = {}
+    for name, path in files.items():
+        wall, rss = run_child(predict_cli(checkpoint, path))
+        n = sum(1 for _ in open(path))
+        results[name] = {"n": n, "peak_rss_mb": rss, "per_s": n / wall}
+        print(name, "peak RSS", json.dumps(results[name]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/abstract-tagger-minilm")
+    parser.add_argument("--rss-checkpoint", type=Path, default=None,
+                        help="checkpoint for the peak-RSS runs (default: --checkpoint)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--pipeline-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pipeline_worker:
+        pipeline_worker(args.pipeline_worker, args.checkpoint)
+        return
+    import torch
+
+    seed, corpus = corpus_texts()
+    large, rss_small, rss_large = (500, 1_000, 10_000) if args.quick else (5_000, 10_000, 100_000)
+    sets = {"seed": seed, f"{large}": repeat(corpus, large)}
+    files = {name: write_jsonl(OUT / f"bench-{name}.jsonl", records) for name, records in sets.items()}
+    rss_files = {f"{n}": write_jsonl(OUT / f"rss-{n}.jsonl", repeat(corpus, n)) for n in (rss_small, rss_large)}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "rss_checkpoint": str(args.rss_checkpoint or args.checkpoint),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": os.getloadavg(),
+        "steady_state": steady_state(args.checkpoint, sets),
+        "whole_process": whole_process(args.checkpoint, files),
+        "peak_rss": peak_rss(args.rss_checkpoint or args.checkpoint, rss_files),
+        "load_average_end": os.getloadavg(),
+    }
+    rss = report["peak_rss"]
+    report["rss_ratio"] = rss[f"{rss_large}"]["peak_rss_mb"] / rss[f"{rss_small}"]["peak_rss_mb"]
+    (OUT / "predict_vs_pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\n| set | pipeline fp32 b{PIPELINE_BATCH} /s | predict /s | speedup | same tags | rechecked in fp32 | "
+          "overhead vs bare forward |")
+    print("|---|---|---|---|---|---|---|")
+    for name in sets:
+        s, w = report["steady_state"][name], report["whole_process"][name]
+        print(f"| {s['n']} abstracts, steady state | {s['pipeline_per_s']:.1f} | {s['predict_per_s']:.1f} | "
+              f"{s['speedup']:.2f}x | {s['same_tags']:.2%} | {s['rechecked']:.1%} | {s['overhead_vs_bare']:+.1%} |")
+        print(f"| {w['n']} abstracts, whole process | {w['pipeline_per_s']:.1f} | {w['predict_per_s']:.1f} | "
+              f"{w['speedup']:.2f}x | | | |")
+    print("\npeak RSS: " + ", ".join(f"{v['n']:,} abstracts {v['peak_rss_mb']:.0f} MB" for v in rss.values())
+          + f" (ratio {report['rss_ratio']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Tag a file of abstracts with an exported checkpoint.
+
+    python predict.py input=papers.jsonl output=tags.jsonl
+    cat papers.jsonl | python predict.py input=- output=tags.csv top_k=3
+    accelerate launch predict.py input=big.jsonl.gz output=tags.jsonl
+"""
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    from abstract_tagger.predict_io import predict_from_config
+
+    predict_from_config(cfg)
+
+
+if __name__ == "__main__":
+    main()

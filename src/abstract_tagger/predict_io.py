@@ -1,0 +1,322 @@
+"""The batch-prediction job: stream a file of abstracts through a `Tagger`, chunk by chunk.
+
+A chunk is a fixed run of `chunk_size` input records (rejects included), so chunk k holds the same
+records on every machine: `shard=I/N` tags the chunks with k % N == I. Each finished chunk is
+appended to `<output>.partial` and then logged in `<output>.journal` with the byte offsets it ends
+at, so a killed run resumes exactly after its last whole chunk; the partial file is renamed to
+`<output>` only when the input is exhausted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from abstract_tagger.corpus import CorpusError, Paper, Reject, read_source
+from abstract_tagger.prediction import Tagger
+
+log = logging.getLogger(__name__)
+_SCORE_DECIMALS = 4
+
+
+@dataclass
+class PredictStats:
+    read: int = 0
+    tagged: int = 0
+    rejected: int = 0
+
+    def add(self, other: PredictStats) -> None:
+        self.read += other.read
+        self.tagged += other.tagged
+        self.rejected += other.rejected
+
+    def summary(self) -> str:
+        return f"read {self.read} = tagged {self.tagged} + rejected {self.rejected}"
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """"I/N" -> (I, N); None -> the whole input."""
+    if spec is None or str(spec).strip() == "":
+        return 0, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", str(spec).strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {spec!r}")
+    return int(match[1]), int(match[2])
+
+
+class OutputFiles:
+    """Everything a run writes next to its output."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output)
+        self.partial, self.rejects, self.rejects_partial, self.journal = (
+            self.output.with_name(self.output.name + suffix)
+            for suffix in (".partial", ".rejects.jsonl", ".rejects.jsonl.partial", ".journal")
+        )
+
+    def part(self, index: int, count: int) -> OutputFiles:
+        """One process's share of a multi-process run; keeps the extension that picks the row format."""
+        return OutputFiles(self.output.with_name(f"{self.output.stem}.part{index}-of-{count}{self.output.suffix}"))
+
+    def finalize(self, rejected: int) -> None:
+        os.replace(self.partial, self.output)
+        if rejected:
+            os.replace(self.rejects_partial, self.rejects)
+        else:
+            # A rejects file left by an earlier run on this output would be mistaken for this run's.
+            self.rejects_partial.unlink(missing_ok=True)
+            self.rejects.unlink(missing_ok=True)
+        self.journal.unlink(missing_ok=True)
+
+    def remove_partials(self) -> None:
+        for path in (self.partial, self.rejects_partial, self.journal):
+            path.unlink(missing_ok=True)
+
+
+class RowFormat:
+    """Output rows: JSON lines {id, tags, scores}, or CSV (id, space-separated tags, one score column per tag)."""
+
+    def __init__(self, labels: Sequence[str], csv_output: bool):
+        self.labels = list(labels)
+        self.csv = csv_output
+
+    @classmethod
+    def for_path(cls, path: Path, labels: Sequence[str]) -> RowFormat:
+        return cls(labels, csv_output=path.suffix.lower() == ".csv")
+
+    def _csv(self, rows: Iterable[Sequence[Any]]) -> bytes:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        return buf.getvalue().encode("utf-8", "surrogateescape")
+
+    def header(self) -> bytes:
+        return self._csv([["id", "tags", *self.labels]]) if self.csv else b""
+
+    def rows(self, ids: Sequence[str], tags: Sequence[list[str]], scores: np.ndarray) -> bytes:
+        # Rounded in float64: float32 0.0601 prints as 0.060100000351667404.
+        rounded = np.round(scores.astype(np.float64), _SCORE_DECIMALS).tolist()
+        if self.csv:
+            return self._csv([pid, " ".join(t), *row] for pid, t, row in zip(ids, tags, rounded))
+        return "".join(
+            json.dumps({"id": pid, "tags": t, "scores": dict(zip(self.labels, row))}, ensure_ascii=False) + "\n"
+            for pid, t, row in zip(ids, tags, rounded)
+        ).encode("utf-8", "surrogateescape")
+
+
+def _chunks(records: Iterable[Paper | Reject], size: int) -> Iterator[list[Paper | Reject]]:
+    it = iter(records)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(settings, finished chunks). A line cut short by a kill is the last one and is dropped."""
+    if not path.is_file():
+        return None, []
+    lines = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            break
+    if not lines:
+        return None, []
+    return lines[0], lines[1:]
+
+
+class _Run:
+    """The open files of one run: the partial output, the partial rejects and the journal."""
+
+    def __init__(self, files: OutputFiles, rows: RowFormat, settings: dict[str, Any], resume: bool):
+        files.output.parent.mkdir(parents=True, exist_ok=True)
+        saved, done = _read_journal(files.journal) if resume else (None, [])
+        if resume and saved is not None and saved != settings:
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            raise ValueError(
+                f"cannot resume {files.output}: the partial run used different {', '.join(changed)}; "
+                "rerun without resume=true"
+            )
+        if resume and saved is None:
+            log.info("resume: no partial run of %s found, starting from the beginning", files.output)
+        self.done = len(done)
+        last = done[-1] if done else {}
+        self.stats = PredictStats(**{k: last.get(k, 0) for k in ("read", "tagged", "rejected")})
+        # Bytes after the last journalled chunk belong to a chunk cut short by a kill: cut them off.
+        self.out = self._open(files.partial, last.get("output_end"), rows.header())
+        self.rejects = self._open(files.rejects_partial, last.get("rejects_end"), b"")
+        self.journal = open(files.journal, "a" if done else "w", encoding="utf-8")
+        if not done:
+            self.journal.write(json.dumps(settings) + "\n")
+            self.journal.flush()
+
+    @staticmethod
+    def _open(path: Path, end: int | None, header: bytes) -> BinaryIO:
+        if end is None:
+            f = open(path, "wb")
+            f.write(header)
+            return f
+        f = open(path, "r+b")
+        f.truncate(end)
+        f.seek(end)
+        return f
+
+    def commit(self, rows: bytes, rejects: Sequence[Reject], chunk: int, tagged: int) -> None:
+        self.out.write(rows)
+        self.rejects.write("".join(r.to_json() + "\n" for r in rejects).encode("utf-8", "surrogateescape"))
+        self.out.flush()
+        self.rejects.flush()
+        self.stats.add(PredictStats(read=tagged + len(rejects), tagged=tagged, rejected=len(rejects)))
+        entry = {"chunk": chunk, **asdict(self.stats),
+                 "output_end": self.out.tell(), "rejects_end": self.rejects.tell()}
+        self.journal.write(json.dumps(entry) + "\n")
+        self.journal.flush()
+
+    def close(self) -> None:
+        for f in (self.out, self.rejects, self.journal):
+            f.close()
+
+
+def predict_file(
+    tagger: Tagger,
+    input: str | Path,
+    output: str | Path,
+    *,
+    format: str | None = None,
+    fields: Mapping[str, str] | None = None,
+    max_chars: int = 20_000,
+    chunk_size: int = 1024,
+    shard: tuple[int, int] = (0, 1),
+    resume: bool = False,
+    on_error: str = "skip",
+    top_k: int | None = None,
+    threshold: float | None = None,
+    progress: bool = True,
+    finalize: bool = True,
+) -> PredictStats:
+    """Tag every paper of `input` into `output` (JSON lines, or CSV for a `.csv` name), in input order.
+
+    Every input record ends up as an output row or, with on_error="skip", a line of
+    `<output>.rejects.jsonl`; on_error="raise" stops at the first bad record with file:line: reason.
+    With finalize=False the partial files and journal stay for `merge_parts`.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    files = OutputFiles(Path(output))
+    rows = RowFormat.for_path(files.output, tagger.labels)
+    index, count = shard
+    settings = {
+        "input": str(input), "format": format, "chunk_size": chunk_size, "shard": [index, count],
+        "csv": rows.csv, "labels": tagger.labels, "top_k": top_k, "threshold": threshold,
+    }
+    # Stdin has no name to guess a format from; JSON lines is the pipe-friendly one.
+    fmt = format or ("jsonl" if str(input) == "-" else None)
+    records = read_source(input, fmt, max_chars=max_chars, **({"fields": dict(fields)} if fields else {}))
+    run = _Run(files, rows, settings, resume)
+    bar = tqdm(unit="abstract", unit_scale=True, dynamic_ncols=True, disable=not progress, initial=run.stats.read)
+    try:
+        for k, chunk in enumerate(_chunks(records, chunk_size)):
+            if k % count != index or k // count < run.done:
+                continue
+            papers = [r for r in chunk if isinstance(r, Paper)]
+            rejects = [r for r in chunk if isinstance(r, Reject)]
+            if rejects and on_error == "raise":
+                first = rejects[0]
+                raise CorpusError(first.source, first.line, first.reason)
+            scores = tagger.scores([p.text for p in papers], threshold=threshold)
+            tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
+            run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        run.close()
+    if finalize:
+        files.finalize(run.stats.rejected)
+    return run.stats
+
+
+def merge_parts(output: str | Path, count: int) -> PredictStats:
+    """Interleave the chunks of `count` unfinalized shard runs back into input order in `output`."""
+    files = OutputFiles(Path(output))
+    parts = [files.part(i, count) for i in range(count)]
+    journals = [_read_journal(p.journal) for p in parts]
+    rows = RowFormat(journals[0][0]["labels"], csv_output=journals[0][0]["csv"])
+    header = len(rows.header())
+    stats = PredictStats()
+    with open(files.partial, "wb") as out, open(files.rejects_partial, "wb") as rejects:
+        out.write(rows.header())
+        sources = [(open(p.partial, "rb"), open(p.rejects_partial, "rb")) for p in parts]
+        cursors = [[header, 0] for _ in parts]
+        try:
+            k = 0
+            while k // count < len(journals[k % count][1]):
+                part = k % count
+                entry = journals[part][1][k // count]
+                (out_src, rej_src), cursor = sources[part], cursors[part]
+                out_src.seek(cursor[0])
+                out.write(out_src.read(entry["output_end"] - cursor[0]))
+                rej_src.seek(cursor[1])
+                rejects.write(rej_src.read(entry["rejects_end"] - cursor[1]))
+                cursor[:] = entry["output_end"], entry["rejects_end"]
+                k += 1
+        finally:
+            for pair in sources:
+                for f in pair:
+                    f.close()
+    for _, done in journals:
+        if done:
+            stats.add(PredictStats(**{key: done[-1][key] for key in ("read", "tagged", "rejected")}))
+    files.finalize(stats.rejected)
+    for part in parts:
+        part.remove_partials()
+    return stats
+
+
+def predict_from_config(cfg: Any) -> PredictStats:
+    """The `predict.py` job; under `accelerate launch` each process tags every N-th chunk and the main
+    process merges the parts in input order."""
+    import torch
+    from accelerate import PartialState
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    # Without cpu=True, accelerate treats CPU processes started by torchrun or mpirun as one.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    output = Path(cfg.output)
+    shard, target = parse_shard(cfg.shard), output
+    multi = state.num_processes > 1
+    if multi:
+        if cfg.shard or str(cfg.input) == "-":
+            raise ValueError("under accelerate launch the processes split the input themselves: "
+                             "give a file input and no shard=")
+        shard, target = (state.process_index, state.num_processes), OutputFiles(output).part(
+            state.process_index, state.num_processes).output
+    tagger = Tagger.from_pretrained(cfg.checkpoint, device=state.device, precision=cfg.precision,
+                                    batch_size=cfg.batch_size, recheck_margin=cfg.recheck_margin)
+    log.info("checkpoint %s on %s, %s, shard %d/%d", cfg.checkpoint, tagger.device,
+             tagger.dtype or torch.float32, *shard)
+    stats = predict_file(
+        tagger, cfg.input, target, format=cfg.format, fields=cfg.fields, max_chars=cfg.max_chars,
+        chunk_size=cfg.chunk_size, shard=shard, resume=cfg.resume, on_error=cfg.on_error, top_k=cfg.top_k,
+        threshold=cfg.threshold, progress=cfg.progress and state.is_local_main_process, finalize=not multi,
+    )
+    if multi:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return stats
+        stats = merge_parts(output, state.num_processes)
+    log.info("%s -> %s", stats.summary(), output)
+    if stats.rejected:
+        log.info("rejected records (file, line, reason): %s", OutputFiles(output).rejects)
+    return stats

@@ -1,0 +1,207 @@
+"""The batch job on the tiny checkpoint: input formats, stdin, CSV output, rejects, resume, shards."""
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_prediction import SPEECH, TRAIN, tiny_checkpoint  # noqa: F401  (session fixture)
+
+from abstract_tagger import Tagger
+from abstract_tagger.corpus import CorpusError
+from abstract_tagger.predict_io import OutputFiles, merge_parts, predict_file
+
+EXPECTED = [tag for _, tag in TRAIN]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after the raise runs, not even `except Exception` handlers."""
+
+
+@pytest.fixture(scope="module")
+def tagger(tiny_checkpoint):  # noqa: F811
+    return Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
+
+
+def records(n: int) -> list[dict]:
+    """n papers cycling through the trained abstracts, duplicates included on purpose."""
+    return [{"id": f"r{i:02d}", "title": TRAIN[i % 3][0][0], "abstract": TRAIN[i % 3][0][1]} for i in range(n)]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def run(tagger, input, output, **kw):
+    return predict_file(tagger, input, output, progress=False, **kw)
+
+
+def test_jsonl_keeps_order_ids_and_duplicates(tagger, tmp_path):
+    stats = run(tagger, write_jsonl(tmp_path / "in.jsonl", records(7)), tmp_path / "out.jsonl", chunk_size=3)
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i:02d}" for i in range(7)]
+    assert [r["tags"] for r in rows] == [[EXPECTED[i % 3]] for i in range(7)]
+    assert len(rows[0]["scores"]) == 18
+    assert stats.summary() == "read 7 = tagged 7 + rejected 0"
+    assert not OutputFiles(tmp_path / "out.jsonl").partial.exists()
+    assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
+
+
+def test_csv_arxiv_and_gz_inputs(tagger, tmp_path):
+    with open(tmp_path / "in.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["titles", "summaries", "terms"])
+        w.writerows([t, a, "['cs.LG']"] for (t, a), _ in TRAIN)
+    run(tagger, tmp_path / "in.csv", tmp_path / "csv.jsonl", fields={"title": "titles", "abstract": "summaries"})
+    rows = read_rows(tmp_path / "csv.jsonl")
+    assert [r["tags"] for r in rows] == [[t] for t in EXPECTED]
+    assert [r["id"] for r in rows] == ["csv-000002", "csv-000003", "csv-000004"]  # generated from line numbers
+
+    snapshot = [{"id": f"2101.0000{i}", "title": t, "abstract": a, "categories": "cs.LG stat.ML"}
+                for i, ((t, a), _) in enumerate(TRAIN)]
+    with gzip.open(tmp_path / "snap.json.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in snapshot))
+    run(tagger, tmp_path / "snap.json.gz", tmp_path / "snap.jsonl", format="arxiv")
+    rows = read_rows(tmp_path / "snap.jsonl")
+    assert [(r["id"], r["tags"]) for r in rows] == [(s["id"], [t]) for s, t in zip(snapshot, EXPECTED)]
+
+
+def test_seed_dump(tagger, tmp_path, root):
+    stats = run(tagger, root / "data/hf_papers_seed.txt", tmp_path / "seed.jsonl", chunk_size=64)
+    rows = read_rows(tmp_path / "seed.jsonl")
+    assert [r["id"] for r in rows] == [f"seed-{i:03d}" for i in range(215)]
+    assert stats.summary() == "read 215 = tagged 215 + rejected 0"
+
+
+def bad_input(tmp_path):
+    good = records(3)
+    lines = [
+        json.dumps(good[0]).encode(),
+        b'{"id": "broken", "title": ',
+        json.dumps({"id": "noabs", "title": "A title"}).encode(),
+        json.dumps({"id": "latin1", "title": "x", "abstract": "caf"}).encode()[:-2] + b'\xe9"}',
+        json.dumps(good[1]).encode(),
+        json.dumps({"id": "empty", "title": "t", "abstract": "  "}).encode(),
+        json.dumps(good[2]).encode(),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_bad_records_go_to_rejects_with_file_and_line(tagger, tmp_path):
+    path = bad_input(tmp_path)
+    stats = run(tagger, path, tmp_path / "out.jsonl", chunk_size=2)
+    assert stats.summary() == "read 7 = tagged 3 + rejected 4"
+    assert [r["id"] for r in read_rows(tmp_path / "out.jsonl")] == ["r00", "r01", "r02"]
+    rejects = read_rows(tmp_path / "out.jsonl.rejects.jsonl")
+    assert [(r["file"], r["line"]) for r in rejects] == [(str(path), n) for n in (2, 3, 4, 6)]
+    assert "malformed JSON" in rejects[0]["reason"] and "not valid UTF-8" in rejects[2]["reason"]
+    assert rejects[1]["reason"].startswith("missing") and "abstract" in rejects[1]["reason"]
+
+    with pytest.raises(CorpusError, match=rf"{path}:2: malformed JSON"):
+        run(tagger, path, tmp_path / "raise.jsonl", on_error="raise")
+    assert not (tmp_path / "raise.jsonl").exists()
+
+
+def test_resume_after_kill_gives_the_output_of_one_run(tagger, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", records(10) + [{"id": "bad"}] + records(9))
+    run(tagger, src, tmp_path / "once.jsonl", chunk_size=4)
+
+    calls, real_scores, die_at = [], tagger.scores, [3]
+
+    def dies_on_third_chunk(texts, **kwargs):
+        calls.append(len(texts))
+        if len(calls) == die_at[0]:
+            raise Killed
+        return real_scores(texts, **kwargs)
+
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(tagger, "scores", dies_on_third_chunk)
+    with pytest.raises(Killed):
+        run(tagger, src, out, chunk_size=4)
+    files = OutputFiles(out)
+    assert not out.exists() and len(read_rows(files.partial)) == 8
+    with open(files.partial, "ab") as f:  # a kill in the middle of writing a chunk
+        f.write(b'{"id": "r08", "tags": [')
+
+    calls.clear()
+    die_at[0] = None
+    stats = run(tagger, src, out, chunk_size=4, resume=True)
+    assert calls == [3, 4, 4]  # chunks 2..4 only; chunk 2 holds the bad record
+    assert out.read_bytes() == (tmp_path / "once.jsonl").read_bytes()
+    assert out.with_name("out.jsonl.rejects.jsonl").read_bytes() == \
+        (tmp_path / "once.jsonl.rejects.jsonl").read_bytes()
+    assert stats.summary() == "read 20 = tagged 19 + rejected 1"
+    assert not files.partial.exists() and not files.journal.exists()
+
+
+def test_resume_with_different_settings_is_refused(tagger, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", records(6))
+    monkeypatch.setattr(tagger, "scores", lambda texts, **kwargs: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        run(tagger, src, tmp_path / "out.jsonl", chunk_size=2)
+    with pytest.raises(ValueError, match="different chunk_size"):
+        run(tagger, src, tmp_path / "out.jsonl", chunk_size=3, resume=True)
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
+def test_shards_cover_the_input_and_merge_back_in_order(tagger, tmp_path, name):
+    src = write_jsonl(tmp_path / "in.jsonl", records(5) + [{"id": "bad"}] + records(5))
+    whole = tmp_path / name
+    run(tagger, src, whole, chunk_size=3)
+    whole_lines = whole.read_text().splitlines(keepends=True)
+    header, body = (whole_lines[:1], whole_lines[1:]) if name.endswith(".csv") else ([], whole_lines)
+
+    shard_lines = []
+    for i in range(2):
+        run(tagger, src, tmp_path / f"shard{i}-{name}", chunk_size=3, shard=(i, 2))
+        shard_lines.append((tmp_path / f"shard{i}-{name}").read_text().splitlines(keepends=True)[len(header):])
+    # Chunks 0 and 2 go to shard 0; chunks 1 (with the bad record) and 3 (the last 2 records) to shard 1.
+    assert [len(lines) for lines in shard_lines] == [3 + 3, 2 + 2]
+    s0, s1 = shard_lines
+    assert s0[:3] + s1[:2] + s0[3:] + s1[2:] == body
+
+    # What `accelerate launch` does: unfinalized parts, merged by the main process.
+    parts = OutputFiles(tmp_path / f"merged-{name}")
+    for i in range(2):
+        run(tagger, src, parts.part(i, 2).output, chunk_size=3, shard=(i, 2), finalize=False)
+    stats = merge_parts(parts.output, 2)
+    assert parts.output.read_text() == whole.read_text()
+    assert parts.rejects.read_text() == OutputFiles(whole).rejects.read_text()
+    assert stats.summary() == "read 11 = tagged 10 + rejected 1"
+    assert sorted(p.name for p in tmp_path.glob("merged-*")) == [f"merged-{name}", f"merged-{name}.rejects.jsonl"]
+
+
+def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_checkpoint, tmp_path, root):  # noqa: F811
+    bad = bad_input(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "predict.py"), "input=-", "output=tags.csv", f"checkpoint={tiny_checkpoint}",
+         "progress=false", "top_k=1", "precision=fp32"],
+        input=bad.read_bytes(), cwd=tmp_path, env=env, capture_output=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert "read 7 = tagged 3 + rejected 4" in proc.stdout.decode() + proc.stderr.decode()
+    with open(tmp_path / "tags.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["id"], r["tags"]) for r in rows] == list(zip(["r00", "r01", "r02"], EXPECTED))
+    assert float(rows[0]["speech-audio"]) > 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "tags.csv", "tags.csv.rejects.jsonl"]
+    assert read_rows(tmp_path / "tags.csv.rejects.jsonl")[0]["file"] == "-"
+
+    proc = subprocess.run(
+        [sys.executable, str(root / "predict.py"), f"input={bad}", "output=strict.jsonl", "on_error=raise",
+         f"checkpoint={tiny_checkpoint}", "progress=false"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert f"{bad}:2: malformed JSON" in proc.stderr.decode()
