@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 RUN_DIR ?= outputs/main
+# model=minilm trains on the bundled backbone (no download); MODEL=scibert trains SciBERT from the Hub.
+MODEL ?= minilm
 
 .PHONY: install train label test test-fast bench clean
 
@@ -22,7 +24,17 @@ install: $(STAMP)
 label: $(STAMP)
 	$(BIN)/python label.py hydra.run.dir=$(RUN_DIR)/label
 
-train: label
+# The main job: weak labels + fine-tuning + thresholds + export, then tag a few new abstracts.
+train: $(STAMP)
+	$(BIN)/python train.py model=$(MODEL) hydra.run.dir=$(RUN_DIR)
+	$(BIN)/python predict.py checkpoint=$(RUN_DIR)/checkpoint input=data/examples.jsonl output=$(RUN_DIR)/examples.tags.jsonl
+	@$(BIN)/python -c "import json,sys; [print(f\"{r['id']}: {', '.join(r['tags']) or '(no tag)'}\") for r in map(json.loads, open(sys.argv[1]))]" $(RUN_DIR)/examples.tags.jsonl
+
+bench: $(STAMP)
+	$(BIN)/python bench/weak_labels_bench.py
+	$(BIN)/python bench/baselines.py --run-dir $(RUN_DIR)
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/predict_vs_pipeline.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +167,6 @@ def test_pickle_only_checkpoint_is_refused(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not PUBLISHED.is_dir(), reason="checkpoints/abstract-tagger-minilm is not published yet")
 def test_published_checkpoint_tags_with_plain_pipeline():
     from transformers import pipeline
 
@@ -177,3 +178,26 @@ def test_published_checkpoint_tags_with_plain_pipeline():
     assert max(scores, key=scores.get) == "speech-audio"
     assert scores["speech-audio"] >= thresholds["speech-audio"]
     assert Tagger.from_pretrained(PUBLISHED).predict([text])[0]["tags"][0] == "speech-audio"
+
+
+@pytest.mark.slow
+def test_published_checkpoint_reproduces_its_model_card_on_gold_dev(root, taxonomy, tmp_path):
+    """predict.py on the seed dump, scored on gold dev, gives the card's shipped-thresholds row."""
+    from abstract_tagger.corpus import read_gold
+    from abstract_tagger.thresholds import score
+    from abstract_tagger.training import SHIPPED_ROW
+
+    out = tmp_path / "seed.jsonl"
+    subprocess.run([sys.executable, str(root / "predict.py"), f"input={root / 'data/hf_papers_seed.txt'}",
+                    f"output={out}", f"checkpoint={PUBLISHED}", "progress=false"], check=True, cwd=tmp_path)
+    gold = read_gold(root / "data/gold_dev.jsonl", taxonomy.ids)
+    rows = {r["id"]: r["tags"] for r in map(json.loads, out.read_text().splitlines()) if r["id"] in gold}
+    assert len(rows) == len(gold)
+    pred = np.array([[t in rows[pid] for t in taxonomy.ids] for pid in gold])
+    ref = np.array([[t in tags for t in taxonomy.ids] for tags in gold.values()])
+    got = score(pred, ref, taxonomy.ids)
+    card = (PUBLISHED / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith(f"| {SHIPPED_ROW} |"))
+    micro, macro = (float(x) for x in row.strip("|").split("|")[1:3])
+    assert got["micro_f1"] == pytest.approx(micro, abs=0.01)
+    assert got["macro_f1"] == pytest.approx(macro, abs=0.01)
