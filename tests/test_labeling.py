@@ -204,3 +204,19 @@ def test_minilm_embedding_function_and_cache(taxonomy, labeling_cfg, tmp_path, m
     # Every text is cached now: a second pass embeds nothing.
     monkeypatch.setattr(encoder, "_embed", lambda texts: pytest.fail(f"re-embedded {len(texts)} texts"))
     np.testing.assert_allclose(f.similarities(papers), sims)
+
+
+def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
+    """Vectors cached by an earlier version of the encoder are never served: a stale store once made
+    a developer checkout's weak labels differ from a fresh clone's."""
+    from pathlib import Path
+
+    from abstract_tagger.labeling import embedding, make_encoder
+
+    cfg = {"model_path": None, "batch_size": 8, "bf16": True}
+    before = make_encoder(cfg, tmp_path).cache.path
+    assert make_encoder(cfg, tmp_path).cache.path == before
+    edited = tmp_path / "embedding.py"
+    edited.write_bytes(Path(embedding.__file__).read_bytes() + b"\n# changed\n")
+    monkeypatch.setattr(embedding, "__file__", str(edited))
+    assert make_encoder(cfg, tmp_path).cache.path != before

@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from abstract_tagger.corpus import CorpusStats, Paper, read_corpus, read_gold
+from abstract_tagger.labeling import embedding
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, resolve_model_path
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
 from abstract_tagger.labeling.label_model import LABEL_MODELS, LearnedLabelModel, MajorityVote, make_label_model
@@ -89,8 +90,10 @@ def stream_weak_labels(papers: Iterable[Paper], functions: LabelingFunctions, mo
 def make_encoder(cfg: Mapping[str, Any], cache_dir: Path) -> SentenceEncoder:
     """`cfg` is `labeling.embedding`."""
     model_path = resolve_model_path(cfg["model_path"])
-    # One store per model and precision: bf16 and fp32 vectors differ slightly.
-    tag = hashlib.blake2b(f"{model_path}|bf16={cfg['bf16']}".encode(), digest_size=6).hexdigest()
+    # One store per model, precision (bf16 and fp32 vectors differ slightly) and encoder code, so
+    # vectors an earlier version of the encoder computed are never served.
+    code = Path(embedding.__file__).read_bytes()
+    tag = hashlib.blake2b(f"{model_path}|bf16={cfg['bf16']}|".encode() + code, digest_size=6).hexdigest()
     cache = EmbeddingCache(cache_dir / "embeddings" / f"{tag}.npz")
     return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=cfg["bf16"], cache=cache)
 
