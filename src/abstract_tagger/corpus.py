@@ -21,6 +21,7 @@ import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -426,6 +427,13 @@ def read_corpus(
     finally:
         if rejects_file is not None:
             rejects_file.close()
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items from a stream (the last may be shorter)."""
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 def read_gold(path: str | Path, known_tags: Iterable[str]) -> dict[str, list[str]]:

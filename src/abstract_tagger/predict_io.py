@@ -15,16 +15,15 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from abstract_tagger.corpus import CorpusError, Paper, Reject, read_source
+from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, read_source
 from abstract_tagger.prediction import Tagger
 
 log = logging.getLogger(__name__)
@@ -113,12 +112,6 @@ class RowFormat:
             json.dumps({"id": pid, "tags": t, "scores": dict(zip(self.labels, row))}, ensure_ascii=False) + "\n"
             for pid, t, row in zip(ids, tags, rounded)
         ).encode("utf-8", "surrogateescape")
-
-
-def _chunks(records: Iterable[Paper | Reject], size: int) -> Iterator[list[Paper | Reject]]:
-    it = iter(records)
-    while chunk := list(islice(it, size)):
-        yield chunk
 
 
 def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -226,7 +219,7 @@ def predict_file(
     run = _Run(files, rows, settings, resume)
     bar = tqdm(unit="abstract", unit_scale=True, dynamic_ncols=True, disable=not progress, initial=run.stats.read)
     try:
-        for k, chunk in enumerate(_chunks(records, chunk_size)):
+        for k, chunk in enumerate(batched(records, chunk_size)):
             if k % count != index or k // count < run.done:
                 continue
             papers = [r for r in chunk if isinstance(r, Paper)]

@@ -16,14 +16,13 @@ import logging
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from abstract_tagger.corpus import CorpusStats, Paper, read_corpus, read_gold
+from abstract_tagger.corpus import CorpusStats, Paper, batched, read_corpus, read_gold
 from abstract_tagger.labeling import embedding
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, resolve_model_path
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
@@ -32,7 +31,7 @@ from abstract_tagger.labeling.report import function_stats, gold_report, to_mark
 from abstract_tagger.taxonomy import Taxonomy
 
 __all__ = ["WeakLabels", "build_weak_labels", "build_functions", "make_label_model", "stream_weak_labels", "vote",
-           "batched", "LearnedLabelModel", "MajorityVote"]
+           "LearnedLabelModel", "MajorityVote"]
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +63,6 @@ class WeakLabels:
         if self.rejects is not None:
             with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rejects)
-
-
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
 
 
 def vote(papers: Iterable[Paper], functions: LabelingFunctions, chunk_size: int) -> np.ndarray:
