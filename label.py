@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="label")
 def main(cfg: DictConfig) -> None:
-    from abstract_tagger.labeling import build_weak_labels
+    from abstract_tagger.labeling.weak_labels import build_weak_labels
     from abstract_tagger.labeling.report import to_markdown
 
     labels = build_weak_labels(cfg)

@@ -1,6 +1,6 @@
-"""Gold-dev scores of the weak labels, a TF-IDF + logistic-regression baseline trained on the same
-weak labels, and (with --run-dir) a trained model, side by side. Thresholds for every row are
-tuned the same k-fold way as train.py's.
+"""Scores of the weak labels, a TF-IDF + logistic-regression baseline trained on the same weak
+labels, and (with --run-dir) a trained model, side by side, on every gold set. Thresholds come from
+the same policy as train.py's, chosen on dev (k-fold there) and applied to test as is.
 
     python bench/baselines.py                                 # default corpus and labeling config
     python bench/baselines.py --run-dir outputs/main          # add the model row from metrics.json
@@ -20,15 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from scipy.sparse import vstack  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from abstract_tagger import thresholds as thr  # noqa: E402
 from abstract_tagger.config_checks import register_resolvers  # noqa: E402
-from abstract_tagger.corpus import read_gold  # noqa: E402
-from abstract_tagger.labeling import build_weak_labels  # noqa: E402
-from abstract_tagger.training import split_gold_dev  # noqa: E402
+from abstract_tagger.corpus import read_gold_sets  # noqa: E402
+from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
+from abstract_tagger.pipeline import split_corpus  # noqa: E402
 
 
 def tfidf_logreg(train_texts, train_probs, test_texts, c: float = 4.0) -> np.ndarray:
@@ -56,25 +57,40 @@ def main() -> None:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)
     weak = build_weak_labels(cfg)
-    gold = read_gold(cfg.data.gold_dev, weak.tag_ids)
-    train_rows, dev_rows, dev_y = split_gold_dev(weak.papers, gold, weak.tag_ids, cfg.data.gold_dev)
+    tag_ids = weak.tag_ids
+    split = split_corpus(weak.papers, read_gold_sets(cfg.data.gold, tag_ids), tag_ids)
     texts = [p.text for p in weak.papers]
-    baseline = tfidf_logreg([texts[i] for i in train_rows], weak.probs[train_rows], [texts[i] for i in dev_rows])
-    k, seed = cfg.trainer.threshold_folds, cfg.seed
-    rows = {}
-    for name, probs in (("weak labels", weak.probs[dev_rows]), ("TF-IDF + logistic regression", baseline)):
-        ev = thr.evaluate_probs(probs, dev_y, weak.tag_ids, k, seed)
-        rows[name] = (ev["flat"], ev["tuned_kfold"])
+    held_out = np.concatenate([split.rows("dev"), split.rows("test")])
+    baseline = np.zeros_like(weak.probs)
+    baseline[held_out] = tfidf_logreg([texts[i] for i in split.train], weak.probs[split.train],
+                                      [texts[i] for i in held_out])
+    tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
+    dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, probs in (("weak labels", weak.probs), ("TF-IDF + logistic regression", baseline)):
+        choice = thr.choose(probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
+        cut = np.array([choice.thresholds[t] for t in tag_ids])
+        rows[name] = {"dev @0.5": thr.score(probs[dev_rows] >= 0.5, dev_gold, tag_ids),
+                      "dev policy (k-fold)": choice.heldout}
+        for test in split.of("test"):
+            rows[name][f"{test} policy"] = thr.score(probs[split.sets[test]] >= cut, split.labels[test], tag_ids)
+    rows = {name: {col: (s.micro_f1, s.macro_f1) for col, s in cols.items()} for name, cols in rows.items()}
     if args.run_dir:
-        dev = json.loads((args.run_dir / "metrics.json").read_text())["dev"]
-        rows["fine-tuned model"] = (dev["model, threshold 0.5"], dev["model, tuned thresholds (k-fold)"])
+        scores = json.loads((args.run_dir / "metrics.json").read_text())["scores"]
+        for kind, name in (("model", "fine-tuned model alone"), ("shipped", "fine-tuned model as shipped")):
+            rows[name] = {"dev @0.5": (scores["dev"]["model_flat"]["micro_f1"], scores["dev"]["model_flat"]["macro_f1"]),
+                          "dev policy (k-fold)": (scores["dev"][kind]["micro_f1"], scores["dev"][kind]["macro_f1"])}
+            for test in split.of("test"):
+                rows[name][f"{test} policy"] = (scores[test][kind]["micro_f1"], scores[test][kind]["macro_f1"])
 
-    print(f"gold dev: {len(dev_rows)} papers; training: {len(train_rows)} papers with weak soft targets\n")
-    print("| predictions | micro-F1 @0.5 | macro-F1 @0.5 | micro-F1 tuned (k-fold) | macro-F1 tuned (k-fold) |")
-    print("|---|---|---|---|---|")
-    for name, (flat, tuned) in rows.items():
-        print(f"| {name} | {flat['micro_f1']:.3f} | {flat['macro_f1']:.3f} | "
-              f"{tuned['micro_f1']:.3f} | {tuned['macro_f1']:.3f} |")
+    print(f"dev: {len(dev_rows)} papers, " + ", ".join(f"{n}: {len(r)}" for n, r in split.sets.items())
+          + f"; training: {len(split.train)} papers with weak soft targets\n")
+    columns = list(next(iter(rows.values())))
+    print("| predictions | " + " | ".join(f"{c} micro | {c} macro" for c in columns) + " |")
+    print("|---|" + "---|---|" * len(columns))
+    for name, cols in rows.items():
+        print(f"| {name} | " + " | ".join(f"{cols[c][0]:.3f} | {cols[c][1]:.3f}" if c in cols else "| "
+                                          for c in columns) + " |")
 
 
 if __name__ == "__main__":

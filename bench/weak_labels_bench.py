@@ -79,7 +79,9 @@ def rules_worker(corpus: Path, records: int, fit_records: int) -> dict:
     from omegaconf import OmegaConf
 
     from abstract_tagger.corpus import read_corpus
-    from abstract_tagger.labeling import build_functions, make_label_model, stream_weak_labels, vote
+    from abstract_tagger.labeling.functions import build_functions
+    from abstract_tagger.labeling.label_model import make_label_model
+    from abstract_tagger.labeling.weak_labels import stream_weak_labels, vote
     from abstract_tagger.taxonomy import Taxonomy
 
     cfg = compose("labeling=rules", f"labeling.fit_max_records={fit_records}")

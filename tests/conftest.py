@@ -22,3 +22,12 @@ def taxonomy():
     from abstract_tagger.taxonomy import Taxonomy
 
     return Taxonomy.from_config(OmegaConf.load(ROOT / "conf/taxonomy/default.yaml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, taxonomy) -> Path:
+    from helpers import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), taxonomy)
+
+

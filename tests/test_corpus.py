@@ -14,6 +14,7 @@ from abstract_tagger.corpus import (
     _TitleDigests,
     read_corpus,
     read_gold,
+    read_gold_sets,
     read_source,
     title_key,
 )
@@ -300,9 +301,45 @@ def test_csv_unbalanced_quote_stops_the_run(tmp_path):
 def test_read_gold(root, taxonomy):
     gold = read_gold(root / "data/gold_dev.jsonl", taxonomy.ids)
     assert len(gold) == 87
-    assert gold["seed-001"] == ["efficient-ml", "nlp"]
-    seed_ids = {p.id for p in read_source(root / "data/hf_papers_seed.txt", "seed")}
-    assert set(gold) <= seed_ids
+    assert gold.tags["seed-001"] == ["efficient-ml", "nlp"]
+    seed = list(read_source(root / "data/hf_papers_seed.txt", "seed"))
+    rows = gold.rows(seed)  # joined by id, every title checked
+    assert [seed[r].id for r in rows] == list(gold.tags)
+    assert gold.labels(taxonomy.ids).sum() == sum(map(len, gold.tags.values()))
+
+
+def test_committed_gold_sets_join_the_default_corpus(root, taxonomy):
+    """Every gold paper is in the default corpus under its id and title, and no paper is in two sets."""
+    sets = read_gold_sets({"dev": {"seed": root / "data/gold_dev.jsonl", "recent": root / "data/gold_recent_dev.jsonl"},
+                           "test": {"recent": root / "data/gold_recent_test.jsonl"}}, taxonomy.ids)
+    assert {n: len(g) for n, g in sets["dev"].items()} == {"seed": 87, "recent": 110}
+    assert len(sets["test"]["recent"]) == 220
+    papers = list(read_corpus({
+        "seed": {"path": root / "data/hf_papers_seed.txt", "format": "seed"},
+        "recent": {"path": root / "data/arxiv_recent_subset.jsonl.gz", "format": "arxiv"}}))
+    for named in sets.values():
+        for gold in named.values():
+            assert len(gold.rows(papers)) == len(gold)
+
+
+def test_gold_title_mismatch_or_missing_paper_is_an_error(tmp_path, taxonomy):
+    papers = [Paper("p1", "Graph networks for molecules", "An abstract."), Paper("p2", "Other", "An abstract.")]
+    path = tmp_path / "gold.jsonl"
+    path.write_bytes(jsonl({"id": "p1", "title": "graph  Networks for molecules!", "tags": ["nlp"]},
+                           {"id": "p2", "title": "A reordered dump put another paper here", "tags": []}))
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:2: p2: gold title .* does not match"):
+        read_gold(path, taxonomy.ids).rows(papers)
+    path.write_bytes(jsonl({"id": "p1", "tags": ["nlp"]}, {"id": "p3", "tags": []}))
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:2: p3: not in the corpus"):
+        read_gold(path, taxonomy.ids).rows(papers)
+
+
+def test_a_paper_in_two_gold_sets_is_an_error(tmp_path, taxonomy):
+    dev, test = tmp_path / "dev.jsonl", tmp_path / "test.jsonl"
+    dev.write_bytes(jsonl({"id": "p1", "tags": ["nlp"]}))
+    test.write_bytes(jsonl({"id": "p0", "tags": []}, {"id": "p1", "tags": ["nlp"]}))
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(test))}:2: p1: also in gold set dev/a"):
+        read_gold_sets({"dev": {"a": dev}, "test": {"b": test, "none": None}}, taxonomy.ids)
 
 
 @pytest.mark.parametrize(

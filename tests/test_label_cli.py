@@ -49,8 +49,8 @@ def run_label(root: Path, tmp: Path, corpus: Path, *overrides: str,
     gold = tmp / "gold.jsonl"
     gold.write_text("".join(json.dumps({"id": k, "tags": v}) + "\n" for k, v in GOLD.items()))
     cmd = [sys.executable, str(root / "label.py"), f"hydra.run.dir={tmp / run_dir}", f"paths.cache_dir={tmp / 'cache'}",
-           "~data.sources", f"+data.sources={{tiny:{{path:'{corpus}',format:jsonl}}}}", f"data.gold_dev={gold}",
-           *overrides]
+           "~data.sources", f"+data.sources={{tiny:{{path:'{corpus}',format:jsonl}}}}", f"data.gold.dev.seed={gold}",
+           "data.gold.dev.recent=null", "data.gold.test.recent=null", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=300)
 
 
@@ -63,7 +63,8 @@ def check_outputs(run_dir: Path, tag_ids: list[str], n_papers: int) -> list[dict
         assert all(0.0 <= p <= 1.0 for p in row["probs"].values())
         assert row["tags"] == [t for t in tag_ids if row["probs"][t] >= 0.5]
     report = json.loads((run_dir / "lf_report.json").read_text())
-    gold = report["gold"]
+    assert list(report["gold"]) == ["seed"]  # one section per dev set
+    gold = report["gold"]["seed"]
     assert gold["n_papers"] == len(GOLD)
     assert {"micro_f1", "macro_f1", "per_tag"} <= set(gold["label_model"])
     assert set(gold["label_model"]["per_tag"]) == set(tag_ids)
@@ -86,7 +87,7 @@ def test_label_cli_with_minilm_writes_documented_outputs(root, tmp_path, taxonom
     assert "embedding" in report["functions"]
     by_id = {r["id"]: r for r in rows}
     assert "causal-inference" in by_id["t01"]["tags"] and "speech-audio" in by_id["t06"]["tags"]
-    assert report["gold"]["label_model"]["micro_f1"] >= 0.6
+    assert report["gold"]["seed"]["label_model"]["micro_f1"] >= 0.6
     assert not (tmp_path / "run/rejects.jsonl").exists()
 
 

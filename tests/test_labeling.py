@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from abstract_tagger.corpus import Paper
-from abstract_tagger.labeling import cache_key
+from abstract_tagger.labeling.weak_labels import cache_key
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, text_key
 from abstract_tagger.labeling.functions import (
     ABSTAIN, NEGATIVE, POSITIVE, ArxivFunction, EmbeddingFunction, KeywordFunctions, build_functions,
@@ -171,11 +171,34 @@ def test_embedding_cache_round_trip(tmp_path):
     assert again.get([text_key("c")]) == [None]
 
 
+def test_embedding_cache_keys_ending_in_nul_bytes_stay_aligned(tmp_path):
+    """numpy S16 keys lost trailing NUL bytes: such a key was never found again, and after a reload
+    every vector added later was stored under another text's key."""
+    path = tmp_path / "e.npz"
+    keys = [b"k" * 15 + b"\0", b"\1" * 16, b"\0" * 16]
+    EmbeddingCache(path).add(keys, np.eye(3, dtype=np.float32))
+    cache = EmbeddingCache(path)
+    assert [v.argmax() for v in cache.get(keys)] == [0, 1, 2]
+    cache.add([b"\2" * 16], np.full((1, 3), 7, dtype=np.float32))
+    reloaded = EmbeddingCache(path)
+    assert reloaded.get([b"\2" * 16])[0].tolist() == [7.0, 7.0, 7.0]
+    assert [v.argmax() for v in reloaded.get(keys)] == [0, 1, 2]
+
+
+def test_embedding_cache_writers_merge_instead_of_losing_entries(tmp_path):
+    path = tmp_path / "e.npz"
+    first, second = EmbeddingCache(path), EmbeddingCache(path)  # two processes, both opened the empty store
+    first.add([text_key("a")], np.ones((1, 2), dtype=np.float32))
+    second.add([text_key("b")], np.zeros((1, 2), dtype=np.float32))
+    both = EmbeddingCache(path)
+    assert both.get([text_key("a")])[0].tolist() == [1.0, 1.0] and both.get([text_key("b")])[0].tolist() == [0.0, 0.0]
+
+
 def test_cache_key_tracks_inputs(root, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"title": "A", "abstract": "B"}\n')
     cfg = OmegaConf.create({
-        "data": {"sources": {"c": {"path": str(corpus), "format": "jsonl"}}, "gold_dev": None},
+        "data": {"sources": {"c": {"path": str(corpus), "format": "jsonl"}}, "gold": {"dev": {}, "test": {}}},
         "taxonomy": OmegaConf.load(root / "conf/taxonomy/default.yaml"),
         "labeling": OmegaConf.load(root / "conf/labeling/default.yaml"),
     })
@@ -211,7 +234,8 @@ def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
     a developer checkout's weak labels differ from a fresh clone's."""
     from pathlib import Path
 
-    from abstract_tagger.labeling import embedding, make_encoder
+    from abstract_tagger.labeling import embedding
+    from abstract_tagger.labeling.weak_labels import make_encoder
 
     cfg = {"model_path": None, "batch_size": 8, "bf16": True}
     before = make_encoder(cfg, tmp_path).cache.path

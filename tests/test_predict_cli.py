@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_prediction import SPEECH, TRAIN, tiny_checkpoint  # noqa: F401  (session fixture)
+from helpers import TRAIN
 
 from abstract_tagger import Tagger
 from abstract_tagger.corpus import CorpusError
@@ -22,7 +22,7 @@ class Killed(BaseException):
 
 
 @pytest.fixture(scope="module")
-def tagger(tiny_checkpoint):  # noqa: F811
+def tagger(tiny_checkpoint):
     return Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
 
 
@@ -181,7 +181,7 @@ def test_shards_cover_the_input_and_merge_back_in_order(tagger, tmp_path, name):
     assert sorted(p.name for p in tmp_path.glob("merged-*")) == [f"merged-{name}", f"merged-{name}.rejects.jsonl"]
 
 
-def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_checkpoint, tmp_path, root):  # noqa: F811
+def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_checkpoint, tmp_path, root):
     bad = bad_input(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

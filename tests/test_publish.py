@@ -7,14 +7,14 @@ import socket
 import numpy as np
 import pytest
 from safetensors import safe_open
-from test_prediction import TRAIN, tiny_checkpoint  # noqa: F401  (session fixture)
+from helpers import TRAIN
 
 from abstract_tagger import Tagger
 from abstract_tagger.publish import main
 
 
 @pytest.fixture
-def run_dir(tiny_checkpoint, tmp_path):  # noqa: F811
+def run_dir(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, tmp_path / "run/checkpoint")
     return tmp_path / "run"
 

@@ -11,8 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from abstract_tagger.training import SHIPPED_ROW
-
 SMALL = ["experiment=smoke"]
 
 
@@ -45,14 +43,21 @@ def check_checkpoint(ckpt, taxonomy):
 
 
 def test_train_tiny_default_corpus(root, taxonomy, tmp_path):
+    """The default corpus and gold sets end to end (rule functions only, to keep the test short)."""
     run_dir = tmp_path / "run"
-    proc = train(root, "model=tiny", "logger=none", f"hydra.run.dir={run_dir}")
+    proc = train(root, "model=tiny", "logger=none", "labeling=rules", f"hydra.run.dir={run_dir}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_checkpoint(run_dir / "checkpoint", taxonomy)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["train_papers"] + metrics["dev_papers"] == 1108 and metrics["dev_papers"] == 87
-    assert set(metrics["dev"]) == {"weak labels, threshold 0.5", "weak labels, tuned thresholds (k-fold)",
-                                   "model, threshold 0.5", "model, tuned thresholds (k-fold)", SHIPPED_ROW}
+    held_out = metrics["corpus"]["held_out"]
+    assert held_out == {"dev/seed": 87, "dev/recent": 110, "test/recent": 220}
+    assert metrics["corpus"]["train"] + sum(held_out.values()) == 6437  # 6438 read, one duplicate title
+    assert set(metrics["scores"]) == {"dev/seed", "dev/recent", "test/recent", "dev"}
+    assert set(metrics["scores"]["dev"]) == {"weak", "model_flat", "model", "shipped"}
+    assert metrics["threshold_policy"] in ("flat", "guarded", "tuned")
+    assert len(metrics["epochs"]) == 2  # 1 epoch on the weak labels + 1 self-training round
+    card = (run_dir / "checkpoint/README.md").read_text()
+    assert "base_model:" in card and "model-index:" in card and "test/recent" in card
     for name in ("per_tag_f1.png", "loss.png", "review.jsonl", "weak_labels.jsonl", "lf_report.md"):
         assert (run_dir / name).stat().st_size > 0, name
     review = [json.loads(line) for line in (run_dir / "review.jsonl").read_text().splitlines()]

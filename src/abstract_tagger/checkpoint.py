@@ -9,13 +9,17 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from abstract_tagger.rule_blend import RuleBlend
 from abstract_tagger.taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from abstract_tagger.pipeline import Evaluation
 
 THRESHOLDS_FILE = "thresholds.json"
 TAXONOMY_FILE = "taxonomy.yaml"
@@ -31,6 +35,7 @@ def export_checkpoint(
     max_length: int,
     dtype: str = "float32",
     card: str = "",
+    blend: RuleBlend | None = None,
 ) -> Path:
     """Write the checkpoint to a temporary sibling directory, then rename it over `out_dir`.
     The model is cast to `dtype` in place."""
@@ -49,6 +54,8 @@ def export_checkpoint(
         (tmp / THRESHOLDS_FILE).write_text(json.dumps(dict(thresholds), indent=2) + "\n")
         (tmp / TAXONOMY_FILE).write_text(yaml.safe_dump(taxonomy.to_dict(), sort_keys=False, allow_unicode=True))
         (tmp / "README.md").write_text(card)
+        if blend is not None:
+            blend.save(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -66,8 +73,31 @@ def load_thresholds(checkpoint_dir: str | Path) -> dict[str, float]:
     return json.loads((Path(checkpoint_dir) / THRESHOLDS_FILE).read_text())
 
 
-def _metrics_row(name: str, m: Mapping[str, Any]) -> str:
-    return f"| {name} | {m['micro_f1']:.3f} | {m['macro_f1']:.3f} |"
+# Model-card rows: (SetScores field, what it is).
+_ROWS = (("weak", "weak labels (all labelling functions, 0.5)"),
+         ("model_flat", "model alone, 0.5"),
+         ("model", "model alone, policy thresholds"),
+         ("shipped", "what predict.py ships"))
+
+
+def _scores_table(evaluation: Evaluation) -> str:
+    names = list(evaluation.sets)
+    head = "| predictions | " + " | ".join(f"{n} micro | {n} macro" for n in names) + " |"
+    rule = "|---|" + "---|---|" * len(names)
+    rows = [f"| {label} | " + " | ".join(f"{getattr(evaluation.sets[n], field).micro_f1:.3f} | "
+                                         f"{getattr(evaluation.sets[n], field).macro_f1:.3f}" for n in names) + " |"
+            for field, label in _ROWS]
+    return "\n".join([head, rule, *rows])
+
+
+def _model_index(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """Hub `model-index` results: what predict.py ships, on every gold set."""
+    return [{"name": "abstract-tagger", "results": [
+        {"task": {"type": "text-classification", "name": "Multi-label research-area tagging"},
+         "dataset": {"type": "abstract-tagger-gold", "name": f"gold {name}", "split": name.split("/")[0]},
+         "metrics": [{"type": "f1", "name": f"{avg}-F1", "value": round(getattr(s.shipped, f"{avg}_f1"), 4),
+                      "args": {"average": avg}} for avg in ("micro", "macro")]}
+        for name, s in evaluation.sets.items()]}]
 
 
 def model_card(
@@ -75,21 +105,27 @@ def model_card(
     backbone: str,
     corpus: Mapping[str, Any],
     labeling: Mapping[str, Any],
-    dev: Mapping[str, Mapping[str, Any]],
-    thresholds: Mapping[str, float],
+    evaluation: Evaluation,
     taxonomy: Taxonomy,
     training: Mapping[str, Any],
 ) -> str:
-    """The README.md of the checkpoint. `dev` maps a row name ("weak labels, 0.5", ...) to metrics."""
+    """The README.md of the checkpoint, with Hub metadata (base model, license, model-index) in its header."""
+    thresholds = evaluation.thresholds
     tags = "\n".join(f"| `{t.id}` | {t.name} | {thresholds[t.id]:.2f} |" for t in taxonomy.tags)
-    rows = "\n".join(_metrics_row(name, m) for name, m in dev.items())
     lfs = ", ".join(f"`{n}`" for n in labeling.get("functions", [])) or "see lf_report.md in the run directory"
     sources = ", ".join(f"{name} ({n} papers)" for name, n in corpus.get("sources", {}).items())
+    held_out = ", ".join(f"{name} ({n})" for name, n in corpus.get("held_out", {}).items())
+    header = yaml.safe_dump({
+        "library_name": "transformers", "pipeline_tag": "text-classification", "license": "apache-2.0",
+        "base_model": backbone, "language": ["en"],
+        "tags": ["multi-label-classification", "scientific-papers", "weak-supervision"],
+        "model-index": _model_index(evaluation)}, sort_keys=False, allow_unicode=True)
+    blend = (f"mixed with the rule functions' probabilities at weight {evaluation.blend_weight:g} "
+             f"(`rules.json`; `predict.py` and `Tagger` apply it)" if evaluation.blend_weight else "alone (no rule blend)")
+    candidates = ", ".join(f"{w:g}: {v:.3f}" for w, v in evaluation.blend_candidates.items())
+    policies = ", ".join(f"{p}: {v:.3f}" for p, v in evaluation.policy_candidates.items())
     return f"""---
-library_name: transformers
-pipeline_tag: text-classification
-tags: [multi-label-classification, scientific-papers, weak-supervision]
----
+{header}---
 
 # abstract-tagger
 
@@ -98,28 +134,32 @@ Tags a research-paper abstract (input: `"<title>. <abstract>"`) with {len(taxono
 
 ## Training data
 
-- Corpus: {sources}; {corpus.get('train', '?')} papers used for training, the {corpus.get('dev', '?')}
-  hand-labelled gold-dev papers held out.
+- Corpus: {sources}; {corpus.get('train', '?')} papers used for training. Held out (hand-labelled,
+  never trained on): {held_out}.
 - Targets: soft labels (probabilities) from a label model over labelling functions: {lfs}.
-  Gold labels are never training targets; they only tune thresholds and score.
-- Training: {training.get('epochs')} epochs, batch size {training.get('batch_size')}, max length
-  {training.get('max_length')} tokens, learning rate {training.get('lr')} (head {training.get('head_lr')}),
+  Gold labels of the dev and test sets are never training targets.
+- Training: {training.get('epochs')} epoch(s) on the weak labels, then {training.get('self_training_rounds')} self-training
+  round(s) of {training.get('self_training_epochs')} epoch(s) on {1 - training.get('self_training_model_weight', 0):g} x weak labels +
+  {training.get('self_training_model_weight')} x the model's own probabilities; batch size {training.get('batch_size')},
+  max length {training.get('max_length')} tokens, learning rate {training.get('lr')} (head {training.get('head_lr')}),
   precision {training.get('precision')}, seed {training.get('seed')}.
 
-## Evaluation on gold dev ({corpus.get('dev', '?')} papers)
+## Evaluation
 
-"Tuned" rows use per-tag thresholds chosen by {training.get('threshold_folds')}-fold cross-fitting: each paper is scored with
-thresholds tuned on the other folds, so the number is not tuned on the papers it scores. The
-"shipped thresholds" row applies `thresholds.json` (tuned on all of dev) to the same papers: it is
-what `predict.py` gives on gold dev, and it is optimistic for new papers.
+Every choice (rule-blend weight, threshold policy, thresholds) was made on the **dev** sets; the
+**test** set was labelled before anything was tuned and never used to choose anything. Dev numbers
+are {training.get('threshold_folds')}-fold cross-fitted (each paper scored with choices made on the other folds); test
+numbers apply what was chosen on dev as is.
 
-| predictions | micro-F1 | macro-F1 |
-|---|---|---|
-{rows}
+{_scores_table(evaluation)}
+
+- Prediction: the model's sigmoid scores, {blend}, then per-tag thresholds.
+  Blend weights tried (k-fold dev mean of micro and macro F1): {candidates}.
+- Threshold policy: `{evaluation.threshold_policy}` (k-fold dev: {policies}).
+- `thresholds.json` on the dev papers it was chosen on (in-sample, optimistic):
+  micro-F1 {evaluation.dev_in_sample.micro_f1:.3f}, macro-F1 {evaluation.dev_in_sample.macro_f1:.3f}.
 
 ## Tags and thresholds
-
-The shipped thresholds (`thresholds.json`) are tuned on all of gold dev.
 
 | tag | name | threshold |
 |---|---|---|
@@ -137,13 +177,13 @@ scores = clf("Title. Abstract ...")[0]
 tags = [s["label"] for s in scores if s["score"] >= thresholds[s["label"]]]
 ```
 
-or `from abstract_tagger import Tagger` (batch tagging with the thresholds applied).
+This is the model alone. `from abstract_tagger import Tagger` (or `predict.py`) also applies the
+rule blend of `rules.json`, which is what the "ships" row measures.
 
 ## Intended use and limitations
 
 For triaging and organising machine-learning papers by area. The tags follow a fixed 18-tag
 taxonomy (`taxonomy.yaml`); papers outside machine learning get unreliable scores. The targets are
-weak labels, so systematic errors of the labelling functions are learned too; the gold dev set is
-small (per-tag F1 on a few papers is noisy) and thresholds tuned on it carry that noise.
-Inputs longer than {training.get('max_length')} tokens are truncated.
+weak labels, so systematic errors of the labelling functions are learned too; per-tag F1 on a few
+gold papers is noisy. Inputs longer than {training.get('max_length')} tokens are truncated.
 """

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from abstract_tagger.thresholds import POLICIES
+
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -53,14 +55,27 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     _positive(cfg, "trainer.lr")
     _positive(cfg, "trainer.head_lr", allow_none=True)
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum",
-                "trainer.threshold_folds", "trainer.log_every", "trainer.keep_states", "model.max_length"):
+                "trainer.log_every", "trainer.keep_states", "model.max_length", "trainer.self_training.epochs"):
         _positive(cfg, key, integer=True)
+    st = t.self_training
+    _require(isinstance(st.rounds, int) and st.rounds >= 0, "trainer.self_training.rounds", "must be an integer >= 0",
+             st.rounds)
+    _require(0 <= st.model_weight <= 1, "trainer.self_training.model_weight", "must be in [0, 1]", st.model_weight)
+    th = cfg.thresholds
+    _require(th.policy in ("auto", *POLICIES), "thresholds.policy", f"must be auto or one of {POLICIES}", th.policy)
+    _require(len(th.candidates) > 0 and set(th.candidates) <= set(POLICIES), "thresholds.candidates",
+             f"must be a non-empty list of {POLICIES}", list(th.candidates))
+    _require(0 < th.default < 1, "thresholds.default", "must be in (0, 1)", th.default)
+    _require(isinstance(th.folds, int) and th.folds >= 2, "thresholds.folds", "k-fold needs at least 2 folds", th.folds)
+    _require(0 < th.grid.start < th.grid.stop < 1 and th.grid.step > 0, "thresholds.grid",
+             "needs 0 < start < stop < 1 and step > 0", OmegaConf.to_container(th.grid))
+    _require(len(cfg.rule_blend.weights) > 0 and all(0 <= w <= 1 for w in cfg.rule_blend.weights),
+             "rule_blend.weights", "must be a non-empty list of weights in [0, 1]", list(cfg.rule_blend.weights))
     _require(t.save_every is None or (isinstance(t.save_every, int) and t.save_every >= 0),
              "trainer.save_every", "must be 0/null (epoch ends only) or a number of optimizer steps", t.save_every)
     _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
     _require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
     _require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}", t.precision)
-    _require(t.threshold_folds >= 2, "trainer.threshold_folds", "k-fold needs at least 2 folds", t.threshold_folds)
     pos_weight = t.pos_weight
     if isinstance(pos_weight, DictConfig):
         unknown = sorted(set(pos_weight) - set(tag_ids))
@@ -77,4 +92,8 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
              "must be an integer >= 0", cfg.export.review_size)
     for name, source in cfg.data.sources.items():
         _require(Path(source.path).is_file(), f"data.sources.{name}.path", "file not found", source.path)
-    _require(Path(cfg.data.gold_dev).is_file(), "data.gold_dev", "file not found", cfg.data.gold_dev)
+    for split, named in cfg.data.gold.items():
+        for name, path in (named or {}).items():
+            _require(path is None or Path(path).is_file(), f"data.gold.{split}.{name}", "file not found", path)
+    _require(not cfg.data.gold_train or Path(cfg.data.gold_train).is_file(), "data.gold_train", "file not found",
+             cfg.data.gold_train)

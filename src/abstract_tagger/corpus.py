@@ -19,12 +19,14 @@ import sys
 import unicodedata
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -436,11 +438,49 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def read_gold(path: str | Path, known_tags: Iterable[str]) -> dict[str, list[str]]:
-    """Gold dev labels: {paper id: [tag ids]}. Unknown tags or a repeated id are an error, not a silent miss."""
+@dataclass(frozen=True)
+class GoldSet:
+    """A hand-labelled set: {paper id: tags} in file order, with each row's title and line, so that
+    labels are joined to the corpus by id and checked by title (a reordered or edited corpus would
+    otherwise attach labels to the wrong papers without a word)."""
+
+    path: str
+    tags: dict[str, list[str]]
+    titles: dict[str, str | None]
+    lines: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def labels(self, tag_ids: Sequence[str]) -> np.ndarray:
+        """0/1 matrix [papers, tags] in file order."""
+        return np.array([[t in tags for t in tag_ids] for tags in self.tags.values()], dtype=np.int8).reshape(
+            len(self.tags), len(tag_ids))
+
+    def rows(self, papers: Sequence[Paper]) -> np.ndarray:
+        """Row indices of this set's papers in `papers`, in file order. A paper missing from the corpus,
+        or whose corpus title differs from the gold title, is an error naming the gold line."""
+        index = {p.id: i for i, p in enumerate(papers)}
+        out = []
+        for pid in self.tags:
+            if pid not in index:
+                raise CorpusError(self.path, self.lines[pid], f"{pid}: not in the corpus")
+            title = self.titles[pid]
+            if title is not None and title_key(title) != title_key(papers[index[pid]].title):
+                raise CorpusError(self.path, self.lines[pid], f"{pid}: gold title {title!r} does not match the "
+                                  f"corpus paper's {papers[index[pid]].title!r}")
+            out.append(index[pid])
+        return np.array(out, dtype=np.int64)
+
+
+def read_gold(path: str | Path, known_tags: Iterable[str]) -> GoldSet:
+    """A gold file: JSON lines {id, tags, title (optional, checked against the corpus)}. Unknown tags or a
+    repeated id are an error, not a silent miss."""
     known = set(known_tags)
-    gold: dict[str, list[str]] = {}
     source = str(path)
+    tags_by_id: dict[str, list[str]] = {}
+    titles: dict[str, str | None] = {}
+    lines: dict[str, int] = {}
     with open_text(path) as f:
         for lineno, raw in enumerate(_lines(source, f), start=1):
             if not raw.strip():
@@ -458,7 +498,27 @@ def read_gold(path: str | Path, known_tags: Iterable[str]) -> dict[str, list[str
             unknown = sorted(set(tags) - known)
             if unknown:
                 raise CorpusError(source, lineno, f"{pid}: unknown tag(s) {unknown}")
-            if pid in gold:
+            if pid in tags_by_id:
                 raise CorpusError(source, lineno, f"{pid}: listed twice")
-            gold[pid] = list(tags)
-    return gold
+            title = rec.get("title")
+            if title is not None and not isinstance(title, str):
+                raise CorpusError(source, lineno, f"{pid}: 'title' must be a string")
+            tags_by_id[pid], titles[pid], lines[pid] = list(tags), title, lineno
+    return GoldSet(source, tags_by_id, titles, lines)
+
+
+def read_gold_sets(spec: Mapping[str, Mapping[str, str | None] | None],
+                   known_tags: Iterable[str]) -> dict[str, dict[str, GoldSet]]:
+    """`data.gold` ({split: {name: path or null}}) read: {split: {name: GoldSet}}, null sets dropped.
+    A paper in two sets is an error: its scores would count twice and a test paper could tune."""
+    known = list(known_tags)
+    sets = {split: {name: read_gold(path, known) for name, path in (named or {}).items() if path}
+            for split, named in spec.items()}
+    seen: dict[str, str] = {}
+    for split, named in sets.items():
+        for name, gold in named.items():
+            for pid in gold.tags:
+                if pid in seen:
+                    raise CorpusError(gold.path, gold.lines[pid], f"{pid}: also in gold set {seen[pid]}")
+                seen[pid] = f"{split}/{name}"
+    return sets

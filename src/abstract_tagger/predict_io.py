@@ -227,7 +227,7 @@ def predict_file(
             if rejects and on_error == "raise":
                 first = rejects[0]
                 raise CorpusError(first.source, first.line, first.reason)
-            scores = tagger.scores([p.text for p in papers], threshold=threshold)
+            scores = tagger.scores(papers, threshold=threshold)
             tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
             run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
             bar.update(len(chunk))

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from abstract_tagger.corpus import Paper, normalize_ws
+from abstract_tagger.rule_blend import RULES_FILE, RuleBlend
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,20 +78,30 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def as_text(item: str | Paper | Mapping[str, Any]) -> str:
-    """What the model reads, built the way training built it ("title. abstract")."""
-    if isinstance(item, str):
-        return item
+def as_paper(item: str | Paper | Mapping[str, Any]) -> Paper:
+    """A Paper as training built them. A bare string is the whole text ("title. abstract"): the model
+    reads it the same, but the rule blend sees no title and no categories."""
     if isinstance(item, Paper):
-        return item.text
+        return item
+    if isinstance(item, str):
+        return Paper(id="", title="", abstract=item)
     if isinstance(item, Mapping):
         title, abstract = item.get("title"), item.get("abstract")
         if not isinstance(abstract, str) or not abstract.strip():
             raise ValueError(f"record {item.get('id', '')!r} has no abstract")
-        if isinstance(title, str) and title.strip():
-            return f"{normalize_ws(title)}. {normalize_ws(abstract)}"
-        return normalize_ws(abstract)
+        categories = item.get("categories") or ()
+        return Paper(id=str(item.get("id", "")), title=normalize_ws(title) if isinstance(title, str) else "",
+                     abstract=normalize_ws(abstract),
+                     categories=tuple(categories.split() if isinstance(categories, str) else categories))
     raise TypeError(f"expected a string, a Paper or a mapping with title/abstract, got {type(item).__name__}")
+
+
+def as_text(item: str | Paper | Mapping[str, Any]) -> str:
+    """What the model reads, built the way training built it ("title. abstract")."""
+    if isinstance(item, str):
+        return item
+    paper = as_paper(item)
+    return paper.text if paper.title else paper.abstract
 
 
 class Tagger:
@@ -105,8 +116,10 @@ class Tagger:
         precision: str = "auto",
         batch_size: int = 64,
         recheck_margin: float = 0.02,
+        blend: RuleBlend | None = None,
     ):
         self.model = model.eval()
+        self.blend = blend
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = autocast_dtype(precision, self.device)
@@ -134,8 +147,13 @@ class Tagger:
         )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         thresholds = json.loads((path / "thresholds.json").read_text())
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        try:
+            blend = RuleBlend.load(path, labels)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: bad {RULES_FILE}: {e}") from None
         return cls(model.to(device), tokenizer, thresholds, precision=precision, batch_size=batch_size,
-                   recheck_margin=recheck_margin)
+                   recheck_margin=recheck_margin, blend=blend)
 
     def batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """(row indices, model inputs) for `texts`: one fast-tokenizer call, then batches of similar
@@ -171,21 +189,30 @@ class Tagger:
                 out[rows] = torch.sigmoid(self.model(**inputs).logits.float()).cpu().numpy()
         return out
 
-    def scores(self, texts: Sequence[str], *, threshold: float | None = None) -> np.ndarray:
-        """Sigmoid probabilities, float32 [len(texts), len(labels)], rows in input order.
+    def scores(self, items: Sequence[str | Paper | Mapping[str, Any]], *,
+               threshold: float | None = None) -> np.ndarray:
+        """Probabilities, float32 [len(items), len(labels)], rows in input order: the model's sigmoid
+        scores, blended with the rule functions where the checkpoint has a `rules.json`.
 
         Under bf16/fp16 autocast, rows with a score within `recheck_margin` of its threshold (the
         per-tag ones, or `threshold`) are scored again in fp32: reduced precision moves scores by
         ~0.01, so only those decisions can differ from fp32.
         """
-        if not len(texts):
+        if not len(items):
             return np.empty((0, len(self.labels)), dtype=np.float32)
-        out = self._forward(texts, autocast=True)
+        papers = [as_paper(item) for item in items]
+        texts = [as_text(item) for item in items]
+        rules = self.blend.rule_probs(papers) if self.blend is not None else None
+
+        def combine(model_probs: np.ndarray, rows: Any = slice(None)) -> np.ndarray:
+            return model_probs if rules is None else self.blend.mix(model_probs, rules[rows])
+
+        out = combine(self._forward(texts, autocast=True))
         if self.dtype is not None and self.recheck_margin > 0:
             cut = self.thresholds if threshold is None else np.float32(threshold)
             near = np.flatnonzero((np.abs(out - cut) < self.recheck_margin).any(axis=1))
             if len(near):
-                out[near] = self._forward([texts[i] for i in near], autocast=False)
+                out[near] = combine(self._forward([texts[i] for i in near], autocast=False), near)
         return out
 
     def decide(
@@ -207,7 +234,7 @@ class Tagger:
     ) -> list[dict[str, Any]]:
         """[{"tags": [...], "scores": {tag: probability}}] for strings (full text), Papers or
         {title, abstract} records."""
-        scores = self.scores([as_text(item) for item in items], threshold=threshold)
+        scores = self.scores(list(items), threshold=threshold)
         tags = self.decide(scores, top_k=top_k, threshold=threshold)
         return [
             {"tags": t, "scores": dict(zip(self.labels, row))}

@@ -1,8 +1,6 @@
-"""Fine-tuning on weak labels with Accelerate, and the whole training run around it.
-
-    run(cfg)   weak labels -> split (gold-dev papers held out) -> fit -> dev metrics -> thresholds
-               -> exported checkpoint -> review.jsonl, charts, tracking
-    fit(...)   the training loop alone: papers + soft targets in, fine-tuned model out
+"""The training loop: papers + soft targets in, a fine-tuned model out (`fit`), with the
+Accelerate pieces it needs. The run around it (weak labels, splits, thresholds, export) is
+`pipeline.run`.
 
 The same code runs on CPU, one GPU, `torchrun --nproc_per_node N train.py` and `accelerate launch
 train.py`: Accelerate places the model, shards batches, syncs gradients and casts precision.
@@ -10,11 +8,11 @@ train.py`: Accelerate places the model, shards batches, syncs gradients and cast
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,25 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 
-from abstract_tagger import thresholds as thr
-from abstract_tagger import tracking
-from abstract_tagger.checkpoint import export_checkpoint, model_card
-from abstract_tagger.config_checks import validate
-from abstract_tagger.corpus import Paper, read_gold
-from abstract_tagger.model import Backbone, load_backbone
-from abstract_tagger.taxonomy import Taxonomy
+from abstract_tagger.corpus import Paper
+from abstract_tagger.thresholds import score
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "state"
-# The model card row that predict.py reproduces on gold dev with the checkpoint's thresholds.
-SHIPPED_ROW = "model, shipped thresholds (tuned on all of dev: in-sample)"
 # Head parameters (fresh classifier, and the CLS pooler that sentence-embedding models never trained)
 # get trainer.head_lr.
 HEAD_PARAMS = ("classifier.", "pooler.")
@@ -140,7 +130,6 @@ def _latest_state(state_root: Path) -> Path | None:
 
 @dataclass
 class FitResult:
-    backbone: Backbone
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     epoch_steps: list[int] = field(default_factory=list)
@@ -150,58 +139,51 @@ class FitResult:
 
 
 def fit(
-    cfg: DictConfig,
+    t: DictConfig,
     accelerator: Accelerator,
+    model,
+    tokenizer,
+    max_length: int,
     train_papers: Sequence[Paper],
-    train_probs: np.ndarray,
+    train_targets: np.ndarray,
     dev_papers: Sequence[Paper],
     dev_gold: np.ndarray,
     tag_ids: list[str],
-    run_dir: Path,
+    state_root: Path,
+    epochs: int,
 ) -> FitResult:
-    """Fine-tune on soft targets; score dev each epoch. States go to `run_dir/state` so a killed run
-    continues with trainer.resume=auto. Returns the trained (still prepared) model's backbone."""
-    t = cfg.trainer
-    set_seed(cfg.seed)
-    backbone = load_backbone(cfg.model, tag_ids)
-    # trainer.lr / head_lr interpolate model.*, so the fallback's own settings take effect here,
-    # while explicit trainer overrides still win.
-    for key, value in backbone.settings.items():
-        cfg.model[key] = value
-    model, tokenizer = backbone.model, backbone.tokenizer
-    max_length = cfg.model.max_length
-
-    train_loader = _loader(encode(tokenizer, train_papers, max_length, train_probs.astype(np.float32)),
+    """Fine-tune the prepared `model` on soft targets for `epochs` epochs (`t` is the trainer config);
+    score dev each epoch. States go to `state_root`, so a killed run continues with trainer.resume=auto."""
+    train_loader = _loader(encode(tokenizer, train_papers, max_length, train_targets.astype(np.float32)),
                            tokenizer, t.batch_size, True, t.num_workers)
     dev_loader = _loader(encode(tokenizer, dev_papers, max_length), tokenizer, t.eval_batch_size, False,
                          t.num_workers)
     optimizer = _optimizer(model, t.lr, t.head_lr, t.weight_decay)
     batches_per_epoch = math.ceil(len(train_papers) / (t.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
-    total_steps = steps_per_epoch * t.epochs
+    total_steps = steps_per_epoch * epochs
 
     def optimizer_steps(batches: int) -> int:
         """Optimizer steps after `batches` batches; every epoch ends with a step (accumulation flushes)."""
-        epochs, rest = divmod(batches, batches_per_epoch)
-        return epochs * steps_per_epoch + math.ceil(rest / t.grad_accum)
+        done_epochs, rest = divmod(batches, batches_per_epoch)
+        return done_epochs * steps_per_epoch + math.ceil(rest / t.grad_accum)
 
     # Accelerate steps a prepared scheduler once per process per optimizer step.
-    scheduler = get_scheduler("linear", optimizer,
+    scheduler = get_scheduler(t.scheduler, optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total_steps) * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
-    model, optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, dev_loader, scheduler)
-    pos_weight = _pos_weight(t.pos_weight, tag_ids, train_probs, t.pos_weight_cap)
+    optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(optimizer, train_loader, dev_loader,
+                                                                         scheduler)
+    pos_weight = _pos_weight(t.pos_weight, tag_ids, train_targets, t.pos_weight_cap)
     loss_fn = torch.nn.BCEWithLogitsLoss(
         pos_weight=pos_weight.to(accelerator.device) if pos_weight is not None else None)
 
-    state_root = run_dir / STATE_DIR
     done_batches = 0
     resume_from = _latest_state(state_root) if t.resume == "auto" else (Path(t.resume) if t.resume else None)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         done_batches = int(resume_from.name.split("-")[1])
-        accelerator.print(f"resumed from {resume_from} (batch {done_batches} of {batches_per_epoch * t.epochs})")
+        accelerator.print(f"resumed from {resume_from} (batch {done_batches} of {batches_per_epoch * epochs})")
     elif t.resume == "auto":
         accelerator.print(f"trainer.resume=auto: no state under {state_root}, starting fresh")
 
@@ -212,13 +194,14 @@ def fit(
             for old in sorted(state_root.glob("batch-*"), key=lambda p: int(p.name.split("-")[1]))[:-t.keep_states]:
                 shutil.rmtree(old)
 
-    result = FitResult(backbone)
+    result = FitResult()
     global_batch = t.batch_size * accelerator.num_processes
-    bar = tqdm(total=batches_per_epoch * t.epochs * global_batch, initial=done_batches * global_batch,
-               unit="sample", unit_scale=True, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(total=batches_per_epoch * epochs * global_batch, initial=done_batches * global_batch,
+               unit="sample", unit_scale=True, disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+               mininterval=_progress_interval())
     seen = 0
     model.train()
-    for epoch in range(done_batches // batches_per_epoch, t.epochs):
+    for epoch in range(done_batches // batches_per_epoch, epochs):
         epoch_start = time.perf_counter()
         skip = done_batches - epoch * batches_per_epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -247,158 +230,25 @@ def fit(
                 result.losses.append(mean_loss)
                 accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                                  "train/epoch": done_batches / batches_per_epoch}, step=step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, refresh=False)
             if t.save_every and step % t.save_every == 0 and done_batches % batches_per_epoch:
                 save_state()
         result.seconds += time.perf_counter() - epoch_start
         # Scored before the state is saved, so a run resumed from this state draws the same random numbers.
         probs = predict_probs(accelerator, model, dev_loader)
-        m = thr.score(probs >= thr.DEFAULT, dev_gold, tag_ids)
-        epoch_metrics = {"dev/micro_f1@0.5": m["micro_f1"], "dev/macro_f1@0.5": m["macro_f1"], "epoch": epoch + 1}
+        m = score(probs >= 0.5, dev_gold, tag_ids)
+        epoch_metrics = {"dev/micro_f1@0.5": m.micro_f1, "dev/macro_f1@0.5": m.macro_f1, "epoch": epoch + 1}
         result.epoch_metrics.append(epoch_metrics)
         result.epoch_steps.append(optimizer_steps(done_batches))
         accelerator.log(epoch_metrics, step=result.epoch_steps[-1])
-        accelerator.print(f"epoch {epoch + 1}/{t.epochs}: dev micro-F1@0.5 {m['micro_f1']:.3f} "
-                          f"macro-F1@0.5 {m['macro_f1']:.3f}")
+        accelerator.print(f"epoch {epoch + 1}/{epochs}: dev micro-F1@0.5 {m.micro_f1:.3f} "
+                          f"macro-F1@0.5 {m.macro_f1:.3f}")
         save_state()
     bar.close()
     result.samples_per_s = seen / result.seconds if result.seconds else 0.0
-    backbone.model = model
     return result
 
 
-def split_gold_dev(papers: Sequence[Paper], gold: dict[str, list[str]], tag_ids: list[str],
-                   gold_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row indices of training papers (every paper not in gold dev) and dev papers, and dev's 0/1 labels."""
-    is_dev = np.array([p.id in gold for p in papers], dtype=bool)
-    missing = sorted(set(gold) - {p.id for p in papers})
-    if missing:
-        raise ValueError(f"{gold_path}: {len(missing)} gold dev paper(s) not in the corpus, e.g. {missing[:3]}")
-    dev_rows = np.flatnonzero(is_dev)
-    y = np.array([[tag in gold[papers[i].id] for tag in tag_ids] for i in dev_rows], dtype=np.int8)
-    return np.flatnonzero(~is_dev), dev_rows, y
-
-
-def write_review(path: Path, papers: Sequence[Paper], model_probs: np.ndarray, weak_probs: np.ndarray,
-                 thresholds: np.ndarray, weak_threshold: float, tag_ids: list[str],
-                 gold: dict[str, list[str]], size: int) -> None:
-    """Papers where the model and the weak labels disagree most, most first: the ones worth relabelling.
-    Disagreement is the summed |model - weak| probability over the tags whose decisions differ."""
-    model_tags = model_probs >= thresholds
-    weak_tags = weak_probs >= weak_threshold
-    differ = model_tags != weak_tags
-    gap = np.abs(model_probs - weak_probs) * differ
-    order = np.argsort(-gap.sum(1), kind="stable")
-    with open(path, "w", encoding="utf-8") as f:
-        for i in order[:size]:
-            if not differ[i].any():
-                break
-            f.write(json.dumps({
-                "id": papers[i].id, "title": papers[i].title, "disagreement": round(float(gap[i].sum()), 4),
-                "model_tags": [t for t, on in zip(tag_ids, model_tags[i]) if on],
-                "weak_tags": [t for t, on in zip(tag_ids, weak_tags[i]) if on],
-                "gold_tags": gold.get(papers[i].id),
-                "differences": {t: {"model": round(float(model_probs[i, j]), 3), "weak": round(float(weak_probs[i, j]), 3)}
-                                for j, t in enumerate(tag_ids) if differ[i, j]},
-                "abstract": papers[i].abstract,
-            }, ensure_ascii=False) + "\n")
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """The full training run; returns the summary also written to `<run_dir>/metrics.json`."""
-    from abstract_tagger.labeling import build_weak_labels
-
-    taxonomy = Taxonomy.from_config(cfg.taxonomy)
-    tag_ids = taxonomy.ids
-    validate(cfg, tag_ids)
-    accelerator = make_accelerator(cfg)
-    # Ranks may have resolved different timestamps; the main process's directory wins.
-    run_dir = [str(Path(cfg.paths.output_dir).resolve())]
-    broadcast_object_list(run_dir)
-    run_dir = Path(run_dir[0])
-    tracking.start(accelerator, cfg, run_dir)
-
-    with accelerator.main_process_first():
-        weak = build_weak_labels(cfg)
-    if weak.tag_ids != tag_ids:
-        raise ValueError(f"weak labels are over {weak.tag_ids}, the taxonomy over {tag_ids}")
-    gold = read_gold(cfg.data.gold_dev, tag_ids)
-    train_rows, dev_rows, dev_y = split_gold_dev(weak.papers, gold, tag_ids, cfg.data.gold_dev)
-    accelerator.print(f"{len(weak.papers)} papers: {len(train_rows)} train (weak soft targets), "
-                      f"{len(dev_rows)} gold dev (held out)")
-    if accelerator.is_main_process:
-        weak.write(run_dir)
-
-    result = fit(cfg, accelerator, [weak.papers[i] for i in train_rows], weak.probs[train_rows],
-                 [weak.papers[i] for i in dev_rows], dev_y, tag_ids, run_dir)
-    model, tokenizer = result.backbone.model, result.backbone.tokenizer
-    all_loader = accelerator.prepare(_loader(encode(tokenizer, weak.papers, cfg.model.max_length), tokenizer,
-                                             cfg.trainer.eval_batch_size, False, cfg.trainer.num_workers))
-    probs = predict_probs(accelerator, model, all_loader)
-    summary: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        summary = _finish(cfg, accelerator, weak, probs, train_rows, dev_rows, dev_y, gold, taxonomy, result, run_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
-
-
-def _finish(cfg, accelerator, weak, probs, train_rows, dev_rows, dev_y, gold, taxonomy, result, run_dir) -> dict:
-    """Main process: dev metrics and thresholds, export, review, charts, summary."""
-    tag_ids = taxonomy.ids
-    k, seed = cfg.trainer.threshold_folds, cfg.seed
-    model_eval = thr.evaluate_probs(probs[dev_rows], dev_y, tag_ids, k, seed)
-    weak_eval = thr.evaluate_probs(weak.probs[dev_rows], dev_y, tag_ids, k, seed)
-    dev = {
-        "weak labels, threshold 0.5": weak_eval["flat"],
-        "weak labels, tuned thresholds (k-fold)": weak_eval["tuned_kfold"],
-        "model, threshold 0.5": model_eval["flat"],
-        "model, tuned thresholds (k-fold)": model_eval["tuned_kfold"],
-        SHIPPED_ROW: model_eval["shipped"],
-    }
-    thresholds = model_eval["thresholds"]
-    t = cfg.trainer
-    card = model_card(
-        backbone=result.backbone.source, taxonomy=taxonomy, thresholds=thresholds, dev=dev,
-        corpus={"sources": {n: s["kept"] for n, s in weak.report["corpus"]["per_source"].items()},
-                "train": len(train_rows), "dev": len(dev_rows)},
-        labeling={"functions": weak.report["functions"]},
-        training={"epochs": t.epochs, "batch_size": t.batch_size * accelerator.num_processes * t.grad_accum,
-                  "max_length": cfg.model.max_length, "lr": t.lr, "head_lr": t.head_lr or t.lr,
-                  "precision": accelerator.mixed_precision, "seed": cfg.seed, "threshold_folds": k},
-    )
-    model = accelerator.unwrap_model(result.backbone.model)
-    checkpoint = export_checkpoint(model, result.backbone.tokenizer, run_dir / "checkpoint", thresholds=thresholds,
-                                   taxonomy=taxonomy, max_length=cfg.model.max_length, dtype=cfg.export.dtype,
-                                   card=card)
-    write_review(run_dir / "review.jsonl", weak.papers, probs, weak.probs,
-                 np.array([thresholds[tg] for tg in tag_ids]), weak.threshold, tag_ids, gold, cfg.export.review_size)
-
-    per_tag = {"weak labels (k-fold tuned)": weak_eval["tuned_kfold"]["per_label"],
-               "model (k-fold tuned)": model_eval["tuned_kfold"]["per_label"]}
-    tracking.plot_per_tag_f1(run_dir / "per_tag_f1.png", tag_ids, per_tag)
-    tracking.plot_loss(run_dir / "loss.png", result.steps, result.losses, result.epoch_steps)
-    tracking.log_per_tag_table(accelerator, tag_ids, per_tag)
-    headline = {f"final/{name}/{m}": v[m] for name, v in dev.items() for m in ("micro_f1", "macro_f1")}
-    accelerator.log(headline)
-
-    summary = {
-        "checkpoint": str(checkpoint),
-        "backbone": result.backbone.source,
-        "fell_back": result.backbone.fell_back,
-        "train_papers": len(train_rows),
-        "dev_papers": len(dev_rows),
-        "train_seconds": round(result.seconds, 1),
-        "train_samples_per_s": round(result.samples_per_s, 2),
-        "precision": accelerator.mixed_precision,
-        "num_processes": accelerator.num_processes,
-        "dev": {name: {"micro_f1": v["micro_f1"], "macro_f1": v["macro_f1"]} for name, v in dev.items()},
-        "dev_per_tag": {name: v["per_label"] for name, v in dev.items()},
-        "epochs": result.epoch_metrics,
-        "thresholds": thresholds,
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("dev micro/macro F1: %s", "; ".join(
-        f"{name}: {v['micro_f1']:.3f}/{v['macro_f1']:.3f}" for name, v in dev.items()))
-    log.info("checkpoint: %s", checkpoint)
-    return summary
+def _progress_interval() -> float:
+    """Seconds between progress-bar updates: live on a terminal, one line a minute in a log file."""
+    return 0.1 if sys.stderr.isatty() else 60.0

@@ -7,8 +7,10 @@ margin or the corpus mix re-embeds nothing that was embedded before.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,33 +29,58 @@ def resolve_model_path(model_path: str | None) -> str:
     return str(model_path)
 
 
+KEY_BYTES = 16
+
+
 def text_key(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
 
 
 class EmbeddingCache:
-    """An append-only {text hash: vector} store in one `.npz` file per model."""
+    """An append-only {text hash: vector} store in one `.npz` file per model.
+
+    Keys are stored as raw [n, 16] bytes: numpy's `S16` strings drop trailing NUL bytes, which once
+    made one key in 256 unreadable and then shifted every later vector onto the wrong text. Writers
+    take a lock and merge with what another process saved meanwhile (label.py beside train.py,
+    ranks of one launch), so no entry is lost or misplaced.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.index: dict[bytes, int] = {}
         self.vectors = np.empty((0, 0), dtype=np.float32)
-        if path.is_file():
-            with np.load(path) as stored:
-                self.vectors = stored["vectors"]
-                self.index = {bytes(k): i for i, k in enumerate(stored["keys"])}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        with np.load(self.path, allow_pickle=False) as stored:
+            keys, vectors = stored["keys"], stored["vectors"]
+        if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or len(keys) != len(vectors):
+            log.warning("%s: keys and vectors do not line up; ignoring this embedding store", self.path)
+            return
+        self.vectors = vectors
+        self.index = {k.tobytes(): i for i, k in enumerate(keys)}
 
     def get(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
         return [self.vectors[self.index[k]] if k in self.index else None for k in keys]
 
     def add(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        start = len(self.index)
-        self.vectors = vectors if not start else np.concatenate([self.vectors, vectors])
-        self.index.update((k, start + i) for i, k in enumerate(keys))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(list(self.index), dtype="S16"), vectors=self.vectors)
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._load()  # what other processes added since
+            new = [(k, v) for k, v in zip(keys, vectors) if k not in self.index]
+            if not new:
+                return
+            start = len(self.index)
+            rows = np.stack([v for _, v in new])
+            self.vectors = rows if not start else np.concatenate([self.vectors, rows])
+            self.index.update((k, start + i) for i, (k, _) in enumerate(new))
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}.npz")
+            stored_keys = np.frombuffer(b"".join(self.index), dtype=np.uint8).reshape(-1, KEY_BYTES)
+            np.savez(tmp, keys=stored_keys, vectors=self.vectors)
+            tmp.replace(self.path)
 
 
 class SentenceEncoder:

@@ -57,9 +57,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     names, tags = report["functions"], report["tag_ids"]
     lines = ["# Labelling-function report", "", f"Corpus: {report['corpus']['summary']}.",
              f"Label model in use: `{report['model']}`.", ""]
-    gold = report.get("gold")
-    if gold:
-        lines += [f"## Gold dev ({gold['n_papers']} papers)", "", "| model | micro-F1 | macro-F1 |", "|---|---|---|"]
+    for set_name, gold in report.get("gold", {}).items():
+        lines += [f"## Gold dev: {set_name} ({gold['n_papers']} papers)", "", "| model | micro-F1 | macro-F1 |",
+                  "|---|---|---|"]
         lines += [f"| {m} | {_fmt(gold[m]['micro_f1'])} | {_fmt(gold[m]['macro_f1'])} |"
                   for m in ("majority", "learned")]
         lines += ["", "Per tag: F1 of each function's positive votes, and P / R / F1 of the label models.", "",

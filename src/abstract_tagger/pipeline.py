@@ -1,0 +1,375 @@
+"""The training run, top to bottom:
+
+    weak labels -> split (gold papers held out) -> fit, then self-training rounds -> scores on the
+    corpus -> rule blend -> thresholds -> evaluation (dev, test) -> export -> review, charts, tracking
+
+Dev sets choose everything (blend weight, threshold policy and thresholds); test sets are only
+scored, with what was chosen on dev, so their numbers say what to expect on papers nobody tuned on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from abstract_tagger import thresholds as thr
+from abstract_tagger import tracking
+from abstract_tagger.checkpoint import export_checkpoint, model_card
+from abstract_tagger.config_checks import validate
+from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_gold, read_gold_sets
+from abstract_tagger.labeling.label_model import LearnedLabelModel
+from abstract_tagger.model import Backbone, load_backbone
+from abstract_tagger.rule_blend import RuleBlend, choose_weight
+from abstract_tagger.taxonomy import Taxonomy
+from abstract_tagger.training import FitResult, _loader, encode, fit, make_accelerator, predict_probs
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+
+
+# --- split ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """Row indices into the corpus: training papers and each gold set's papers (never trained on)."""
+
+    train: np.ndarray
+    sets: dict[str, np.ndarray]      # "dev/seed", "dev/recent", "test/recent", ... -> rows
+    labels: dict[str, np.ndarray]    # same keys -> 0/1 gold [papers, tags]
+
+    def of(self, split: str) -> list[str]:
+        return [name for name in self.sets if name.startswith(f"{split}/")]
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.concatenate([self.sets[n] for n in self.of(split)] or [np.zeros(0, np.int64)])
+
+    def gold(self, split: str) -> np.ndarray:
+        return np.concatenate([self.labels[n] for n in self.of(split)])
+
+
+def split_corpus(papers: Sequence[Paper], gold_sets: Mapping[str, Mapping[str, GoldSet]],
+                 tag_ids: list[str]) -> Split:
+    """Every paper of a gold set is held out of training (joined by id, checked by title)."""
+    sets, labels = {}, {}
+    held_out = np.zeros(len(papers), dtype=bool)
+    for split, named in gold_sets.items():
+        for name, gold in named.items():
+            sets[f"{split}/{name}"] = gold.rows(papers)
+            labels[f"{split}/{name}"] = gold.labels(tag_ids)
+            held_out[sets[f"{split}/{name}"]] = True
+    if not any(k.startswith("dev/") for k in sets):
+        raise ValueError("data.gold.dev: at least one dev set is needed to choose thresholds and score")
+    return Split(np.flatnonzero(~held_out), sets, labels)
+
+
+def training_targets(papers: Sequence[Paper], split: Split, weak_probs: np.ndarray, gold_train: GoldSet | None,
+                     tag_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Soft targets of the training rows, with hand labels (`data.gold_train`) as hard targets where given.
+    Returns (targets, mask of the hand-labelled training rows)."""
+    targets = weak_probs[split.train].astype(np.float32)
+    hand = np.zeros(len(split.train), dtype=bool)
+    if gold_train is not None:
+        rows = gold_train.rows(papers)
+        position = {int(r): i for i, r in enumerate(split.train)}
+        for pid, r in zip(gold_train.tags, rows):
+            if int(r) not in position:
+                raise CorpusError(gold_train.path, gold_train.lines[pid], f"{pid}: is in a dev or test gold set; "
+                                  "hand labels of held-out papers cannot be training targets")
+        at = np.array([position[int(r)] for r in rows], dtype=np.int64)
+        targets[at] = gold_train.labels(tag_ids)
+        hand[at] = True
+    return targets, hand
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    backbone: Backbone
+    rounds: list[FitResult] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.rounds)
+
+    @property
+    def samples_per_s(self) -> float:
+        seen = sum(r.samples_per_s * r.seconds for r in self.rounds)
+        return seen / self.seconds if self.seconds else 0.0
+
+
+def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, papers: Sequence[Paper], split: Split,
+          targets: np.ndarray, hand: np.ndarray, weak_probs: np.ndarray, tag_ids: list[str],
+          run_dir: Path) -> Trained:
+    """Fit on the weak targets, then `trainer.self_training.rounds` rounds: relabel the training papers
+    with a mix of the model's and the labelling functions' probabilities and continue training on them
+    (hand labels stay). The model learns what the two agree on and smooths what each gets wrong alone."""
+    t, st = cfg.trainer, cfg.trainer.self_training
+    model = accelerator.prepare(backbone.model)
+    train_papers = [papers[i] for i in split.train]
+    dev_rows = split.rows("dev")
+    dev_papers, dev_gold = [papers[i] for i in dev_rows], split.gold("dev")
+    trained = Trained(backbone)
+    for r in range(st.rounds + 1):
+        if r:
+            probs = corpus_probs(cfg, accelerator, model, backbone.tokenizer, train_papers)
+            mixed = (1 - st.model_weight) * weak_probs[split.train] + st.model_weight * probs
+            targets = np.where(hand[:, None], targets, mixed).astype(np.float32)
+            accelerator.print(f"self-training round {r}: targets = {1 - st.model_weight:g} x weak labels + "
+                              f"{st.model_weight:g} x model")
+        trained.rounds.append(fit(t, accelerator, model, backbone.tokenizer, cfg.model.max_length, train_papers,
+                                  targets, dev_papers, dev_gold, tag_ids, run_dir / STATE_DIR / f"round-{r}",
+                                  t.epochs if r == 0 else st.epochs))
+    backbone.model = model
+    return trained
+
+
+def corpus_probs(cfg: DictConfig, accelerator: Accelerator, model, tokenizer, papers: Sequence[Paper]) -> np.ndarray:
+    loader = accelerator.prepare(_loader(encode(tokenizer, papers, cfg.model.max_length), tokenizer,
+                                         cfg.trainer.eval_batch_size, False, cfg.trainer.num_workers))
+    return predict_probs(accelerator, model, loader)
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """Scores of one gold set. Dev sets: `model` and `shipped` are k-fold held-out (each paper scored
+    with choices made on the other folds). Test sets: everything chosen on dev, applied as is."""
+
+    weak: thr.Scores            # weak labels (label model over all functions) at 0.5
+    model_flat: thr.Scores      # model alone at 0.5
+    model: thr.Scores           # model alone, thresholds by the policy
+    shipped: thr.Scores         # what predict.py does: model (+ rule blend) with the shipped thresholds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).to_dict() for k in ("weak", "model_flat", "model", "shipped")}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    sets: dict[str, SetScores]
+    dev_in_sample: thr.Scores   # the shipped thresholds on the dev papers they were chosen on
+    threshold_policy: str
+    policy_candidates: dict[str, float]  # policy -> k-fold held-out mean F1 on dev
+    blend_weight: float
+    blend_candidates: dict[float, float]  # weight -> k-fold held-out mean F1 on dev
+    thresholds: dict[str, float]
+
+
+def evaluate_run(cfg: DictConfig, papers: Sequence[Paper], split: Split, model_probs: np.ndarray,
+                 weak_probs: np.ndarray, blend: RuleBlend | None, tag_ids: list[str]) -> Evaluation:
+    """Choose the blend weight and thresholds on dev; score every gold set."""
+    tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
+    dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
+    rule_probs = blend.rule_probs(papers) if blend is not None else np.zeros_like(model_probs)
+    weights = {0.0: 0.0}
+    if blend is not None:
+        weights = choose_weight(model_probs[dev_rows], rule_probs[dev_rows], dev_gold, tag_ids,
+                                cfg.rule_blend.weights, tcfg, cfg.seed)
+        # Simplest (lowest weight) among equals.
+        blend.weight = max(weights, key=lambda w: (round(weights[w], 6), -w))
+    shipped_probs = blend.mix(model_probs, rule_probs) if blend is not None else model_probs
+
+    model_choice = thr.choose(model_probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
+    shipped_choice = thr.choose(shipped_probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
+    model_cut = np.array([model_choice.thresholds[t] for t in tag_ids])
+    shipped_cut = np.array([shipped_choice.thresholds[t] for t in tag_ids])
+
+    sets: dict[str, SetScores] = {}
+    offset = 0
+    for name in [*split.of("dev"), *split.of("test")]:
+        rows, gold = split.sets[name], split.labels[name]
+        if name.startswith("dev/"):
+            # Slices of the k-fold held-out predictions over all dev papers.
+            part = slice(offset, offset + len(rows))
+            offset += len(rows)
+            model_pred, shipped_pred = model_choice.heldout_pred[part], shipped_choice.heldout_pred[part]
+        else:
+            model_pred, shipped_pred = model_probs[rows] >= model_cut, shipped_probs[rows] >= shipped_cut
+        sets[name] = SetScores(
+            weak=thr.score(weak_probs[rows] >= 0.5, gold, tag_ids),
+            model_flat=thr.score(model_probs[rows] >= 0.5, gold, tag_ids),
+            model=thr.score(model_pred, gold, tag_ids),
+            shipped=thr.score(shipped_pred, gold, tag_ids),
+        )
+    # All dev sets together, as chosen on.
+    sets["dev"] = SetScores(
+        weak=thr.score(weak_probs[dev_rows] >= 0.5, dev_gold, tag_ids),
+        model_flat=thr.score(model_probs[dev_rows] >= 0.5, dev_gold, tag_ids),
+        model=model_choice.heldout, shipped=shipped_choice.heldout)
+    return Evaluation(
+        sets=sets,
+        dev_in_sample=thr.score(shipped_probs[dev_rows] >= shipped_cut, dev_gold, tag_ids),
+        threshold_policy=shipped_choice.policy,
+        policy_candidates={k: v.mean_f1 for k, v in shipped_choice.candidates.items()},
+        blend_weight=blend.weight if blend is not None else 0.0,
+        blend_candidates=weights,
+        thresholds=shipped_choice.thresholds,
+    )
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def load_model(cfg: DictConfig, tag_ids: list[str]) -> Backbone:
+    """The configured backbone with a fresh multi-label head. Where the fallback serves, its own
+    max_length and learning rates replace the primary's in `cfg.model` (trainer.lr and head_lr
+    interpolate them, so explicit trainer overrides still win)."""
+    backbone = load_backbone(cfg.model, tag_ids)
+    for key, value in backbone.settings.items():
+        cfg.model[key] = value
+    return backbone
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The full training run; returns the summary also written to `<run_dir>/metrics.json`."""
+    from abstract_tagger.labeling.weak_labels import build_weak_labels
+
+    taxonomy = Taxonomy.from_config(cfg.taxonomy)
+    tag_ids = taxonomy.ids
+    validate(cfg, tag_ids)
+    set_seed(cfg.seed)  # before the classifier head is initialised
+    # Loaded before tracking starts, so the config it logs has the settings the run trains with.
+    backbone = load_model(cfg, tag_ids)
+    accelerator = make_accelerator(cfg)
+    # Ranks may have resolved different timestamps; the main process's directory wins.
+    run_dir = [str(Path(cfg.paths.output_dir).resolve())]
+    broadcast_object_list(run_dir)
+    run_dir = Path(run_dir[0])
+    tracking.start(accelerator, cfg, run_dir)
+
+    with accelerator.main_process_first():
+        weak = build_weak_labels(cfg)
+    if weak.tag_ids != tag_ids:
+        raise ValueError(f"weak labels are over {weak.tag_ids}, the taxonomy over {tag_ids}")
+    papers = weak.papers
+    split = split_corpus(papers, read_gold_sets(cfg.data.gold, tag_ids), tag_ids)
+    gold_train = read_gold(cfg.data.gold_train, tag_ids) if cfg.data.gold_train else None
+    targets, hand = training_targets(papers, split, weak.probs, gold_train, tag_ids)
+    accelerator.print(f"{len(papers)} papers: {len(split.train)} train ({int(hand.sum())} hand-labelled), "
+                      + ", ".join(f"{len(rows)} {name}" for name, rows in split.sets.items()) + " (held out)")
+    if accelerator.is_main_process:
+        weak.write(run_dir)
+
+    trained = train(cfg, accelerator, backbone, papers, split, targets, hand, weak.probs, tag_ids, run_dir)
+    probs = corpus_probs(cfg, accelerator, trained.backbone.model, trained.backbone.tokenizer, papers)
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        blend = None
+        if cfg.rule_blend.weights != [0.0]:
+            train_papers = [papers[i] for i in split.train]
+            blend = RuleBlend.fit(taxonomy, cfg.labeling.keywords.min_abstract_hits, train_papers,
+                                  LearnedLabelModel(cfg.labeling.label_model))
+        evaluation = evaluate_run(cfg, papers, split, probs, weak.probs, blend, tag_ids)
+        summary = _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, probs, trained, evaluation,
+                                     blend, run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, probs, trained, evaluation, blend,
+                       run_dir) -> dict[str, Any]:
+    """Main process: checkpoint, review.jsonl, charts, tracking, metrics.json."""
+    tag_ids = taxonomy.ids
+    t = cfg.trainer
+    corpus = {"sources": {n: s["kept"] for n, s in weak.report["corpus"]["per_source"].items()},
+              "train": len(split.train), "held_out": {n: len(r) for n, r in split.sets.items()}}
+    training = {"epochs": t.epochs, "self_training_rounds": t.self_training.rounds,
+                "self_training_epochs": t.self_training.epochs, "self_training_model_weight": t.self_training.model_weight,
+                "batch_size": t.batch_size * accelerator.num_processes * t.grad_accum,
+                "max_length": cfg.model.max_length, "lr": t.lr, "head_lr": t.head_lr or t.lr,
+                "precision": accelerator.mixed_precision, "seed": cfg.seed, "threshold_folds": cfg.thresholds.folds}
+    card = model_card(backbone=trained.backbone.source, taxonomy=taxonomy, evaluation=evaluation, corpus=corpus,
+                      labeling={"functions": weak.report["functions"]}, training=training)
+    model = accelerator.unwrap_model(trained.backbone.model)
+    checkpoint = export_checkpoint(model, trained.backbone.tokenizer, run_dir / "checkpoint",
+                                   thresholds=evaluation.thresholds, taxonomy=taxonomy,
+                                   max_length=cfg.model.max_length, dtype=cfg.export.dtype, card=card, blend=blend)
+    cut = np.array([evaluation.thresholds[tg] for tg in tag_ids])
+    shipped = blend(papers, probs) if blend is not None else probs
+    gold_tags = {papers[r].id: [tg for tg, on in zip(tag_ids, y) if on]
+                 for name in split.sets for r, y in zip(split.sets[name], split.labels[name])}
+    write_review(run_dir / "review.jsonl", papers, shipped, weak.probs, cut, weak.threshold, tag_ids, gold_tags,
+                 cfg.export.review_size)
+
+    dev = evaluation.sets["dev"]
+    per_tag = {"weak labels (0.5)": dev.weak.per_tag, "model (k-fold)": dev.model.per_tag,
+               "shipped (k-fold)": dev.shipped.per_tag}
+    tracking.plot_per_tag_f1(run_dir / "per_tag_f1.png", tag_ids, per_tag)
+    steps, losses, epoch_steps, offset = [], [], [], 0
+    for r in trained.rounds:  # rounds continue the step count
+        steps += [offset + s for s in r.steps]
+        losses += r.losses
+        epoch_steps += [offset + s for s in r.epoch_steps]
+        offset = epoch_steps[-1] if epoch_steps else offset
+    tracking.plot_loss(run_dir / "loss.png", steps, losses, epoch_steps)
+    tracking.log_per_tag_table(accelerator, tag_ids, per_tag)
+    accelerator.log({f"final/{name}/{kind}/{m}": getattr(getattr(s, kind), m)
+                     for name, s in evaluation.sets.items() for kind in ("weak", "model", "shipped")
+                     for m in ("micro_f1", "macro_f1")})
+
+    summary = {
+        "checkpoint": str(checkpoint),
+        "backbone": trained.backbone.source,
+        "fell_back": trained.backbone.fell_back,
+        "corpus": corpus,
+        "train_seconds": round(trained.seconds, 1),
+        "train_samples_per_s": round(trained.samples_per_s, 2),
+        "precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "threshold_policy": evaluation.threshold_policy,
+        "threshold_policy_candidates": evaluation.policy_candidates,
+        "blend_weight": evaluation.blend_weight,
+        "blend_candidates": {str(w): v for w, v in evaluation.blend_candidates.items()},
+        "scores": {name: s.to_dict() for name, s in evaluation.sets.items()},
+        "dev_in_sample": evaluation.dev_in_sample.to_dict(),
+        "epochs": [m for r in trained.rounds for m in r.epoch_metrics],
+        "thresholds": evaluation.thresholds,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("micro/macro F1 (weak | model | shipped): %s", "; ".join(
+        f"{name}: {s.weak.micro_f1:.3f}/{s.weak.macro_f1:.3f} | {s.model.micro_f1:.3f}/{s.model.macro_f1:.3f} | "
+        f"{s.shipped.micro_f1:.3f}/{s.shipped.macro_f1:.3f}" for name, s in evaluation.sets.items()))
+    log.info("checkpoint: %s", checkpoint)
+    return summary
+
+
+def write_review(path: Path, papers: Sequence[Paper], model_probs: np.ndarray, weak_probs: np.ndarray,
+                 thresholds: np.ndarray, weak_threshold: float, tag_ids: list[str],
+                 gold: Mapping[str, list[str]], size: int) -> None:
+    """Papers where the model and the weak labels disagree most, most first: the ones worth relabelling
+    (corrected rows can go back in as `data.gold_train`). Disagreement is the summed |model - weak|
+    probability over the tags whose decisions differ."""
+    model_tags = model_probs >= thresholds
+    weak_tags = weak_probs >= weak_threshold
+    differ = model_tags != weak_tags
+    gap = np.abs(model_probs - weak_probs) * differ
+    order = np.argsort(-gap.sum(1), kind="stable")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in order[:size]:
+            if not differ[i].any():
+                break
+            f.write(json.dumps({
+                "id": papers[i].id, "title": papers[i].title, "disagreement": round(float(gap[i].sum()), 4),
+                "model_tags": [t for t, on in zip(tag_ids, model_tags[i]) if on],
+                "weak_tags": [t for t, on in zip(tag_ids, weak_tags[i]) if on],
+                "gold_tags": gold.get(papers[i].id),
+                "differences": {t: {"model": round(float(model_probs[i, j]), 3), "weak": round(float(weak_probs[i, j]), 3)}
+                                for j, t in enumerate(tag_ids) if differ[i, j]},
+                "abstract": papers[i].abstract,
+            }, ensure_ascii=False) + "\n")

@@ -1,0 +1,120 @@
+"""The model blended with the cheap rule functions at prediction time.
+
+The fine-tuned model and the labelling functions make different mistakes: on held-out papers the
+average of the two beat both. The embedding function would cost a second encoder pass per paper,
+but the rule functions (keywords in title and abstract, arXiv categories) cost microseconds. Their
+votes index a table of P(tag | rule votes), read off a label model fitted on the corpus's rule votes
+(3 functions x 3 outcomes = 27 rows per tag), and prediction mixes
+
+    p = (1 - weight) * p_model + weight * p_rules
+
+`weight` is chosen on the dev sets by k-fold held-out score (0: the model alone). Everything the
+blend needs (patterns, categories, the table, the weight) is stored in the checkpoint as
+`rules.json`, read with numpy and `re` only, so the ONNX prediction path can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abstract_tagger.corpus import Paper
+from abstract_tagger.labeling.functions import ArxivFunction, KeywordFunctions, LabelingFunctions
+from abstract_tagger.taxonomy import Taxonomy
+
+RULES_FILE = "rules.json"
+_OUTCOMES = 3  # abstain, negative, positive (vote + 1)
+
+
+def rule_functions(taxonomy: Taxonomy, min_abstract_hits: int) -> LabelingFunctions:
+    return LabelingFunctions([KeywordFunctions(taxonomy, min_abstract_hits), ArxivFunction(taxonomy)])
+
+
+def _pattern_index(votes: np.ndarray) -> np.ndarray:
+    """[papers, functions, tags] votes -> [papers, tags] row of the table (base-3 number of the votes)."""
+    powers = _OUTCOMES ** np.arange(votes.shape[1])
+    return np.einsum("nft,f->nt", votes.astype(np.int64) + 1, powers)
+
+
+def all_vote_patterns(n_functions: int, n_tags: int) -> np.ndarray:
+    """Every combination of votes, [3**functions, functions, tags], in table-row order."""
+    rows = np.arange(_OUTCOMES ** n_functions)
+    digits = (rows[:, None] // _OUTCOMES ** np.arange(n_functions)) % _OUTCOMES - 1
+    return np.repeat(digits[:, :, None], n_tags, axis=2).astype(np.int8)
+
+
+@dataclass
+class RuleBlend:
+    """Rule probabilities by table lookup, mixed into model probabilities with `weight`."""
+
+    taxonomy: Taxonomy
+    min_abstract_hits: int
+    table: np.ndarray  # [3**functions, tags]: P(tag | rule votes)
+    weight: float
+
+    def __post_init__(self):
+        self.functions = rule_functions(self.taxonomy, self.min_abstract_hits)
+
+    @classmethod
+    def fit(cls, taxonomy: Taxonomy, min_abstract_hits: int, corpus: Sequence[Paper], label_model: Any,
+            weight: float = 0.0) -> RuleBlend:
+        """Fit `label_model` (unfitted, e.g. LearnedLabelModel) on the corpus's rule votes and tabulate it."""
+        functions = rule_functions(taxonomy, min_abstract_hits)
+        label_model.fit(functions(corpus))
+        table = label_model.predict_proba(all_vote_patterns(len(functions.names), len(taxonomy)))
+        return cls(taxonomy, min_abstract_hits, np.asarray(table, dtype=np.float32), weight)
+
+    def rule_probs(self, papers: Sequence[Paper]) -> np.ndarray:
+        rows = _pattern_index(self.functions(papers))
+        return np.take_along_axis(self.table, rows, axis=0) if len(papers) else np.zeros((0, len(self.taxonomy)),
+                                                                                         np.float32)
+
+    def mix(self, model_probs: np.ndarray, rule_probs: np.ndarray, weight: float | None = None) -> np.ndarray:
+        w = self.weight if weight is None else weight
+        return ((1 - w) * model_probs + w * rule_probs).astype(np.float32)
+
+    def __call__(self, papers: Sequence[Paper], model_probs: np.ndarray) -> np.ndarray:
+        return model_probs if self.weight == 0 else self.mix(model_probs, self.rule_probs(papers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight": self.weight,
+            "min_abstract_hits": self.min_abstract_hits,
+            "functions": self.functions.names,
+            "tags": {t.id: {"name": t.name, "description": t.description, "keywords": dict(t.keywords),
+                            "arxiv": list(t.arxiv)} for t in self.taxonomy.tags},
+            "table": self.table.round(6).tolist(),
+        }
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / RULES_FILE).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path, tag_ids: Sequence[str]) -> RuleBlend | None:
+        """The checkpoint's blend, or None for a checkpoint without one (the model alone)."""
+        path = Path(directory) / RULES_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        taxonomy = Taxonomy.from_config({"tags": data["tags"]})
+        table = np.asarray(data["table"], dtype=np.float32)
+        blend = cls(taxonomy, int(data["min_abstract_hits"]), table, float(data["weight"]))
+        if taxonomy.ids != list(tag_ids) or table.shape != (_OUTCOMES ** len(blend.functions.names), len(tag_ids)) \
+                or not 0 <= blend.weight <= 1 or not np.isfinite(table).all():
+            raise ValueError(f"{path}: does not match the checkpoint's labels or is malformed")
+        return blend
+
+
+def choose_weight(model_probs: np.ndarray, rule_probs: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str],
+                  weights: Sequence[float], thresholds_cfg: Mapping[str, Any], seed: int = 0) -> dict[float, float]:
+    """Held-out dev score (mean of micro and macro F1, thresholds chosen by the policy under k-fold)
+    of every candidate weight; the caller takes the best."""
+    from abstract_tagger.thresholds import choose
+
+    return {w: choose((1 - w) * model_probs + w * rule_probs, gold, tag_ids, thresholds_cfg, seed).heldout.mean_f1
+            for w in weights}
