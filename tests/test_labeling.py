@@ -14,7 +14,7 @@ from abstract_tagger.labeling.functions import (
     ABSTAIN, NEGATIVE, POSITIVE, ArxivFunction, EmbeddingFunction, KeywordFunctions, build_functions,
 )
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote, make_label_model
-from abstract_tagger.labeling.report import score
+from abstract_tagger.thresholds import score
 
 
 def paper(title: str, abstract: str = "We report experiments.", categories: tuple[str, ...] = ()) -> Paper:
@@ -158,8 +158,8 @@ def test_score_micro_macro():
     gold = np.array([[1, 0], [1, 1], [0, 0]], dtype=bool)
     pred = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
     s = score(pred, gold, ["a", "b"])
-    assert s["per_tag"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
-    assert s["micro_f1"] == pytest.approx(4 / 7) and s["macro_f1"] == pytest.approx(7 / 12)
+    assert s.per_tag["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert s.micro_f1 == pytest.approx(4 / 7) and s.macro_f1 == pytest.approx(7 / 12)
 
 
 def test_embedding_cache_round_trip(tmp_path):

@@ -55,7 +55,7 @@ def test_train_tiny_default_corpus(root, taxonomy, tmp_path):
     assert set(metrics["scores"]) == {"dev/seed", "dev/recent", "test/recent", "dev"}
     assert set(metrics["scores"]["dev"]) == {"weak", "model_flat", "model", "shipped"}
     assert metrics["threshold_policy"] in ("flat", "guarded", "tuned")
-    assert len(metrics["epochs"]) == 2  # 1 epoch on the weak labels + 1 self-training round
+    assert len(metrics["epochs"]) == 2
     card = (run_dir / "checkpoint/README.md").read_text()
     assert "base_model:" in card and "model-index:" in card and "test/recent" in card
     for name in ("per_tag_f1.png", "loss.png", "review.jsonl", "weak_labels.jsonl", "lf_report.md"):

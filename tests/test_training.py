@@ -206,3 +206,22 @@ def test_review_ranks_biggest_disagreements_first(tmp_path, papers):
     assert [r["id"] for r in rows] == [papers[1].id, papers[2].id]  # paper 0 agrees: not listed
     assert rows[0]["model_tags"] == ["b"] and rows[0]["weak_tags"] == ["a"] and rows[0]["gold_tags"] == ["b"]
     assert set(rows[0]["differences"]) == {"a", "b"}
+
+
+def test_progress_in_a_log_file_is_one_line_per_refresh(monkeypatch):
+    """A log used to hold thousands of `\\r` frames on one line; off a terminal each refresh is a line."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    style = training._progress_style()
+    assert style["mininterval"] == 60.0
+    bar = tqdm(total=30, unit="sample", **{**style, "mininterval": 0})
+    for _ in range(3):
+        bar.update(10)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) >= 3
+    assert lines[-1].startswith("100%") and "30/30" in lines[-1]

@@ -197,8 +197,7 @@ def fit(
     result = FitResult()
     global_batch = t.batch_size * accelerator.num_processes
     bar = tqdm(total=batches_per_epoch * epochs * global_batch, initial=done_batches * global_batch,
-               unit="sample", unit_scale=True, disable=not accelerator.is_local_main_process, dynamic_ncols=True,
-               mininterval=_progress_interval())
+               unit="sample", unit_scale=True, disable=not accelerator.is_local_main_process, **_progress_style())
     seen = 0
     model.train()
     for epoch in range(done_batches // batches_per_epoch, epochs):
@@ -249,6 +248,23 @@ def fit(
     return result
 
 
-def _progress_interval() -> float:
-    """Seconds between progress-bar updates: live on a terminal, one line a minute in a log file."""
-    return 0.1 if sys.stderr.isatty() else 60.0
+class _LineWriter:
+    """tqdm output for logs: each refresh becomes one line instead of a `\r`-rewritten frame."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _progress_style() -> dict[str, Any]:
+    """A live bar on a terminal; in a log file, one progress line a minute."""
+    if sys.stderr.isatty():
+        return {"dynamic_ncols": True}
+    return {"file": _LineWriter(sys.stderr), "mininterval": 60.0, "maxinterval": 60.0, "ncols": 100}

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from abstract_tagger.labeling.functions import POSITIVE
+from abstract_tagger.thresholds import score
 
 
 def function_stats(votes: np.ndarray, names: Sequence[str], tag_ids: Sequence[str]) -> dict[str, Any]:
@@ -28,24 +28,14 @@ def function_stats(votes: np.ndarray, names: Sequence[str], tag_ids: Sequence[st
     return out
 
 
-def score(pred: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str]) -> dict[str, Any]:
-    """Multi-label scores of boolean predictions [papers, tags] against gold."""
-    p, r, f, s = precision_recall_fscore_support(gold, pred, average=None, zero_division=0)
-    return {
-        "micro_f1": float(f1_score(gold, pred, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0)),
-        "per_tag": {tag: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                    for i, tag in enumerate(tag_ids)},
-    }
-
-
 def gold_report(votes: np.ndarray, probs: Mapping[str, np.ndarray], gold: np.ndarray, names: Sequence[str],
                 tag_ids: Sequence[str], threshold: float) -> dict[str, Any]:
     """Scores on the gold papers: `votes`, `gold` and each of `probs` are rows for those papers."""
     return {
         "n_papers": int(len(gold)),
-        "functions": {name: score(votes[:, j, :] == POSITIVE, gold, tag_ids) for j, name in enumerate(names)},
-        **{model: score(p >= threshold, gold, tag_ids) for model, p in probs.items()},
+        "functions": {name: score(votes[:, j, :] == POSITIVE, gold, tag_ids).to_dict()
+                      for j, name in enumerate(names)},
+        **{model: score(p >= threshold, gold, tag_ids).to_dict() for model, p in probs.items()},
     }
 
 
