@@ -99,6 +99,17 @@ class CorpusStats:
         )
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the content a cache entry or a resumed run was made from."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    # Some messages end in " at" ("Unterminated string starting at"), which would read "at at column".
+    return f"malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
+
+
 def normalize_ws(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
@@ -204,21 +215,26 @@ def _field_names(fields: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _make_paper(
-    source: str, line: int, pid: Any, title: Any, abstract: Any, categories: Any, max_chars: int, id_prefix: str
+    source: str, line: int, pid: Any, title: Any, abstract: Any, categories: Any, max_chars: int, id_prefix: str,
+    abstract_line: int | None = None,
 ) -> Paper | Reject:
+    """`abstract_line`: where the abstract is, when not on the record's first line (the seed dump)."""
     texts = {}
-    for name, value in (("title", title), ("abstract", abstract)):
+    for name, value, at in (("title", title, line), ("abstract", abstract, abstract_line or line)):
         if value is None:
-            return Reject(source, line, f"missing {name}")
+            return Reject(source, at, f"missing {name}")
         if not isinstance(value, str):
-            return Reject(source, line, f"{name} is {type(value).__name__}, expected a string")
+            return Reject(source, at, f"{name} is {type(value).__name__}, expected a string")
         value = normalize_ws(value)
         if not value:
-            return Reject(source, line, f"empty {name}")
+            return Reject(source, at, f"empty {name}")
         if len(value) > max_chars:
-            return Reject(source, line, f"{name} has {len(value)} characters, over the limit of {max_chars}")
+            return Reject(source, at, f"{name} has {len(value)} characters, over the limit of {max_chars}")
         if _SURROGATE.search(value):
-            return Reject(source, line, f"{name} is not valid UTF-8")
+            return Reject(source, at, f"{name} is not valid UTF-8")
+        if not any(c.isalpha() for c in value):
+            # Emoji, digits or zero-width characters only: perhaps a real paper, but worth a look.
+            log.warning("%s:%d: %s has no letters (%r); kept", source, at, name, value[:80])
         texts[name] = value
     if categories is None:
         categories = ()
@@ -265,8 +281,9 @@ def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int 
     if len(body) % 2:
         raise CorpusError(source, body[-1][0], "unpaired trailing line: a title with no abstract line")
     for k in range(0, len(body), 2):
-        (tline, title), (_, abstract) = body[k], body[k + 1]
-        yield _make_paper(source, tline, f"{id_prefix}-{k // 2:03d}", title, abstract, None, max_chars, id_prefix)
+        (tline, title), (aline, abstract) = body[k], body[k + 1]
+        yield _make_paper(source, tline, f"{id_prefix}-{k // 2:03d}", title, abstract, None, max_chars, id_prefix,
+                          abstract_line=aline)
 
 
 def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int = 20_000,
@@ -288,7 +305,7 @@ def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int = 2
                 yield Reject(source, lineno, f"not valid UTF-8 (byte {e.start})")
                 continue
             except json.JSONDecodeError as e:
-                yield Reject(source, lineno, f"malformed JSON: {e.msg} at column {e.colno}")
+                yield Reject(source, lineno, _json_error(e))
                 continue
             except RecursionError:
                 yield Reject(source, lineno, "malformed JSON: nested too deeply")
@@ -318,7 +335,9 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int = 20_00
     source = str(path)
     names = _field_names(fields)
     with open_text(path) as f:
-        reader = csv.reader(_lines(source, f))
+        # strict: a quote left open runs to the end of the file, which without it is one silent field
+        # swallowing every later record; with it, the end of data inside quotes is an error.
+        reader = csv.reader(_lines(source, f), strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -339,7 +358,8 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int = 20_00
             except csv.Error as e:
                 # The parser has lost its place (say, an unbalanced quote ran past the field size
                 # limit): what follows cannot be trusted, so this stops the run in every mode.
-                raise CorpusError(source, start, f"malformed CSV: {e}") from None
+                raise CorpusError(source, start, f"malformed CSV: {e} (a quote opened in this record is "
+                                                 "never closed?)") from None
             end = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
@@ -424,8 +444,6 @@ def read_corpus(
                 yield item
             log.info("%s: read %d = kept %d + duplicates %d + rejected %d",
                      name, per["read"], per["kept"], per["duplicates"], per["rejected"])
-        if stats.rejected and rejects_file is not None:
-            log.warning("%d bad records skipped, listed in %s", stats.rejected, rejects_path)
     finally:
         if rejects_file is not None:
             rejects_file.close()
@@ -488,7 +506,7 @@ def read_gold(path: str | Path, known_tags: Iterable[str]) -> GoldSet:
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise CorpusError(source, lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
+                raise CorpusError(source, lineno, _json_error(e)) from None
             pid = rec.get("id") if isinstance(rec, dict) else None
             tags = rec.get("tags") if isinstance(rec, dict) else None
             if not isinstance(pid, str) or not pid or _SURROGATE.search(pid):

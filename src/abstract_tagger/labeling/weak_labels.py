@@ -13,16 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from abstract_tagger.corpus import CorpusStats, Paper, batched, read_corpus, read_gold_sets
+from abstract_tagger.corpus import CorpusStats, Paper, batched, file_digest, read_corpus, read_gold_sets
 from abstract_tagger.labeling import embedding
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, resolve_model_path
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
@@ -60,6 +60,30 @@ class WeakLabels:
         if self.rejects is not None:
             with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rejects)
+            if self.rejects:
+                log.warning("%d bad records skipped, listed in %s", len(self.rejects), out / "rejects.jsonl")
+
+    def save(self, path: Path) -> None:
+        """The result cache: probabilities as an array, the rest as JSON, in one .npz. Unlike pickle,
+        loading it cannot run code, so a cache directory others can write to is no risk."""
+        meta = {"papers": [asdict(p) for p in self.papers], "tag_ids": self.tag_ids, "report": self.report,
+                "threshold": self.threshold, "rejects": self.rejects}
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=self.probs, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> WeakLabels | None:
+        """A cached result, or None (with a warning) where the file is damaged: it is rebuilt."""
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                probs, meta = saved["probs"], json.loads(saved["meta"].tobytes())
+            papers = [Paper(**{**p, "categories": tuple(p["categories"])}) for p in meta.pop("papers")]
+            return cls(papers=papers, probs=probs, cache_path=path, **meta)
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            log.warning("%s: unreadable weak-label cache (%s: %s); rebuilding it", path, type(e).__name__, e)
+            return None
 
 
 def vote(papers: Iterable[Paper], functions: LabelingFunctions, chunk_size: int) -> np.ndarray:
@@ -88,11 +112,6 @@ def make_encoder(cfg: Mapping[str, Any], cache_dir: Path) -> SentenceEncoder:
     return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=cfg["bf16"], cache=cache)
 
 
-def _file_digest(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _code_digest() -> str:
     """The code that turns a corpus into weak labels: editing it invalidates cached results."""
     package = Path(__file__).parent
@@ -108,8 +127,8 @@ def cache_key(cfg: DictConfig) -> str:
     labeling.pop("cache", None)
     parts = {
         "code": _code_digest(),
-        "files": {name: _file_digest(spec["path"]) for name, spec in data["sources"].items()},
-        "gold": {f"{split}/{name}": _file_digest(path) for split, named in data["gold"].items()
+        "files": {name: file_digest(spec["path"]) for name, spec in data["sources"].items()},
+        "gold": {f"{split}/{name}": file_digest(path) for split, named in data["gold"].items()
                  for name, path in (named or {}).items() if path},
         "data": data,
         "taxonomy": OmegaConf.to_container(cfg.taxonomy, resolve=True),
@@ -125,10 +144,8 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
         raise ValueError(f"labeling.model must be one of {LABEL_MODELS}, got {lcfg['model']!r}")
     cache_dir = Path(cfg.paths.cache_dir)
     key = cache_key(cfg)
-    cache_path = cache_dir / "weak_labels" / f"{key}.pkl"
-    if lcfg["cache"] and cache_path.is_file():
-        with open(cache_path, "rb") as f:
-            labels: WeakLabels = pickle.load(f)
+    cache_path = cache_dir / "weak_labels" / f"{key}.npz"
+    if lcfg["cache"] and cache_path.is_file() and (labels := WeakLabels.load(cache_path)) is not None:
         log.info("%s (cached: %s)", labels.report["corpus"]["summary"], cache_path)
         return labels
 
@@ -179,8 +196,5 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
 
     labels = WeakLabels(papers=papers, probs=all_probs[lcfg["model"]], tag_ids=taxonomy.ids, report=report,
                         cache_path=cache_path, threshold=lcfg["threshold"], rejects=rejects)
-    tmp = cache_path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(labels, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(cache_path)
+    labels.save(cache_path)
     return labels
