@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from abstract_tagger.corpus import Paper, normalize_ws
@@ -130,6 +131,11 @@ class Tagger:
         missing = sorted(set(self.labels) - set(thresholds))
         if missing:
             raise CheckpointError(f"thresholds.json has no threshold for {missing}")
+        # `not 0 <= v <= 1` also catches NaN, which every comparison fails.
+        bad = {t: thresholds[t] for t in self.labels if isinstance(thresholds[t], bool)
+               or not isinstance(thresholds[t], int | float) or not 0 <= thresholds[t] <= 1}
+        if bad:
+            raise CheckpointError(f"thresholds.json: thresholds must be numbers in [0, 1], got {bad}")
         self.thresholds = np.array([thresholds[t] for t in self.labels], dtype=np.float32)
         # A tokenizer saved without a length limit reports a huge sentinel; the position table is the real cap.
         self.max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
@@ -140,13 +146,25 @@ class Tagger:
         batch_size: int = 64, recheck_margin: float = 0.02,
     ) -> Tagger:
         path = check_checkpoint(path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        # Weights may be stored in fp16 (the published checkpoint); compute runs in fp32 plus autocast.
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            # Weights may be stored in fp16 (the published checkpoint); compute runs in fp32 plus autocast.
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32, output_loading_info=True
+            )
+            thresholds = json.loads((path / "thresholds.json").read_text())
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            # A truncated file or weights that do not fit config.json: name the checkpoint, not the internals.
+            raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+        # transformers fills weights missing from the file (say, the classifier) with random ones.
+        missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
+        if missing:
+            raise CheckpointError(f"{path}: model.safetensors lacks {', '.join(missing)}; they would be random")
+        diverged = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if diverged:
+            raise CheckpointError(f"{path}: non-finite (NaN/inf) weights in {', '.join(diverged[:3])}: "
+                                  "the training run that exported it diverged")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        thresholds = json.loads((path / "thresholds.json").read_text())
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         try:
             blend = RuleBlend.load(path, labels)
