@@ -45,6 +45,9 @@ def export_checkpoint(
     if model.config.problem_type != "multi_label_classification" or model.config.num_labels != len(taxonomy):
         raise ValueError("model head is not a multi-label head over the taxonomy tags")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Temporary and backup directories of an export that was killed (no cleanup ran) before this one.
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.to(getattr(torch, dtype)).save_pretrained(tmp)

@@ -8,14 +8,16 @@ train.py`: Accelerate places the model, shards batches, syncs gradients and cast
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,10 @@ from abstract_tagger.thresholds import score
 
 log = logging.getLogger(__name__)
 
+# A state is saved under a hidden name and renamed to `batch-N` once complete, so a kill mid-save
+# never leaves a `batch-N` that resume=auto would pick.
+_STATE = re.compile(r"batch-(\d+)")
+HISTORY_FILE = "history.json"
 # Head parameters (fresh classifier, and the CLS pooler that sentence-embedding models never trained)
 # get trainer.head_lr.
 HEAD_PARAMS = ("classifier.", "pooler.")
@@ -123,8 +129,14 @@ def _pos_weight(spec, tag_ids: list[str], probs: np.ndarray, cap: float) -> torc
     return torch.tensor([float(spec.get(t, 1.0)) for t in tag_ids], dtype=torch.float32)
 
 
+def _states(state_root: Path) -> list[Path]:
+    """The complete states, oldest first."""
+    states = [p for p in state_root.glob("batch-*") if _STATE.fullmatch(p.name)]
+    return sorted(states, key=lambda p: int(p.name.split("-")[1]))
+
+
 def _latest_state(state_root: Path) -> Path | None:
-    states = sorted(state_root.glob("batch-*"), key=lambda p: int(p.name.split("-")[1]))
+    states = _states(state_root)
     return states[-1] if states else None
 
 
@@ -136,6 +148,11 @@ class FitResult:
     epoch_metrics: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0  # in training batches; dev scoring and state saves at epoch ends excluded
     samples_per_s: float = 0.0
+    seen: int = 0
+
+    def history(self) -> dict[str, Any]:
+        """What a resumed run needs to report the epochs before the kill (saved with each state)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def fit(
@@ -180,25 +197,47 @@ def fit(
 
     done_batches = 0
     resume_from = _latest_state(state_root) if t.resume == "auto" else (Path(t.resume) if t.resume else None)
+    # On resume, the history up to the state (steps, losses, epoch metrics, time) comes back with it, so
+    # the result (metrics.json, loss.png) covers the whole run, not only the part after the kill.
+    result = FitResult()
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         done_batches = int(resume_from.name.split("-")[1])
+        if (resume_from / HISTORY_FILE).is_file():
+            result = FitResult(**json.loads((resume_from / HISTORY_FILE).read_text()))
         accelerator.print(f"resumed from {resume_from} (batch {done_batches} of {batches_per_epoch * epochs})")
     elif t.resume == "auto":
         accelerator.print(f"trainer.resume=auto: no state under {state_root}, starting fresh")
 
-    def save_state() -> None:
-        accelerator.save_state(str(state_root / f"batch-{done_batches}"))
+    def check_finite(loss_value: float) -> None:
+        # A NaN/inf loss poisons every weight: stop before it is saved or exported.
+        if not math.isfinite(loss_value):
+            raise ValueError(f"training diverged: loss {loss_value} at optimizer step {optimizer_steps(done_batches)}"
+                             f" (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}); lower the learning rates")
+
+    def save_state(mid_epoch: bool = False) -> None:
+        check_finite(accelerator.reduce(loss.detach(), "mean").item())
+        partial = state_root / f".batch-{done_batches}.partial"
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            history = result.history()
+            if mid_epoch:  # result.seconds is added up at epoch ends
+                history["seconds"] += time.perf_counter() - epoch_start
+            (partial / HISTORY_FILE).write_text(json.dumps(history) + "\n")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            for old in sorted(state_root.glob("batch-*"), key=lambda p: int(p.name.split("-")[1]))[:-t.keep_states]:
+            final = state_root / f"batch-{done_batches}"
+            # A run resumed from an older state (trainer.resume=DIR) saves the same batches again.
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            # Older states beyond keep_states, and states a killed save left half-written.
+            for old in [*_states(state_root)[:-t.keep_states], *state_root.glob(".batch-*.partial")]:
                 shutil.rmtree(old)
+        accelerator.wait_for_everyone()
 
-    result = FitResult()
     global_batch = t.batch_size * accelerator.num_processes
     bar = tqdm(total=batches_per_epoch * epochs * global_batch, initial=done_batches * global_batch,
                unit="sample", unit_scale=True, disable=not accelerator.is_local_main_process, **_progress_style())
-    seen = 0
     model.train()
     for epoch in range(done_batches // batches_per_epoch, epochs):
         epoch_start = time.perf_counter()
@@ -218,20 +257,21 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad()
             done_batches += 1
-            seen += len(targets) * accelerator.num_processes
+            result.seen += len(targets) * accelerator.num_processes
             bar.update(len(targets) * accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue
             step = optimizer_steps(done_batches)
             if step % t.log_every == 0 or done_batches % batches_per_epoch == 0:
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+                check_finite(mean_loss)
                 result.steps.append(step)
                 result.losses.append(mean_loss)
                 accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                                  "train/epoch": done_batches / batches_per_epoch}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, refresh=False)
             if t.save_every and step % t.save_every == 0 and done_batches % batches_per_epoch:
-                save_state()
+                save_state(mid_epoch=True)
         result.seconds += time.perf_counter() - epoch_start
         # Scored before the state is saved, so a run resumed from this state draws the same random numbers.
         probs = predict_probs(accelerator, model, dev_loader)
@@ -244,7 +284,7 @@ def fit(
                           f"macro-F1@0.5 {m.macro_f1:.3f}")
         save_state()
     bar.close()
-    result.samples_per_s = seen / result.seconds if result.seconds else 0.0
+    result.samples_per_s = result.seen / result.seconds if result.seconds else 0.0
     return result
 
 
