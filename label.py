@@ -8,6 +8,8 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
+from abstract_tagger.config_checks import exit_on_error, validate_label  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -16,8 +18,10 @@ def main(cfg: DictConfig) -> None:
     from abstract_tagger.labeling.weak_labels import build_weak_labels
     from abstract_tagger.labeling.report import to_markdown
 
-    labels = build_weak_labels(cfg)
-    labels.write(cfg.paths.output_dir)
+    with exit_on_error(log):
+        validate_label(cfg)
+        labels = build_weak_labels(cfg)
+        labels.write(cfg.paths.output_dir)
     print(to_markdown(labels.report))
     log.info("wrote %d papers' weak labels to %s", len(labels.papers), cfg.paths.output_dir)
 

@@ -5,6 +5,7 @@
     accelerate launch predict.py input=big.jsonl.gz output=tags.jsonl
 """
 
+import logging
 import os
 
 import hydra
@@ -12,12 +13,17 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
+from abstract_tagger.config_checks import exit_on_error  # noqa: E402
+
+log = logging.getLogger("predict")
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     from abstract_tagger.predict_io import predict_from_config
 
-    predict_from_config(cfg)
+    with exit_on_error(log):
+        predict_from_config(cfg)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@
 
 import logging
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from abstract_tagger.config_checks import ConfigError, register_resolvers  # noqa: E402
+from abstract_tagger.config_checks import exit_on_error, register_resolvers  # noqa: E402
 
 register_resolvers()
 log = logging.getLogger("train")
@@ -26,11 +25,8 @@ def main(cfg: DictConfig) -> float | None:
     from abstract_tagger.model import BackboneUnavailable
     from abstract_tagger.pipeline import run
 
-    try:
+    with exit_on_error(log, BackboneUnavailable):
         summary = run(cfg)
-    except (ConfigError, BackboneUnavailable) as e:
-        log.error("%s", e)
-        sys.exit(f"error: {e}")
     # Returned for sweepers (e.g. Optuna): the honest (k-fold) dev micro-F1 of what predict.py ships.
     return summary["scores"]["dev"]["shipped"]["micro_f1"] if summary else None
 

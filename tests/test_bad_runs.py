@@ -5,27 +5,112 @@ silent loss, no garbage out"."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from accelerate.utils import set_seed
-from test_predict_cli import Killed
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
+from test_predict_cli import Killed, records, write_jsonl
 from test_training import fit, make_cfg, papers, synthetic_targets, weights  # noqa: F401  (module fixture)
 
 from abstract_tagger import Tagger, pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint
+from abstract_tagger.config_checks import ConfigError, validate, validate_predict
+from abstract_tagger.corpus import CorpusError
+from abstract_tagger.predict_io import OutputFiles, predict_file
 from abstract_tagger.prediction import CheckpointError
+from abstract_tagger.publish import main as publish_main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tagger(tiny_checkpoint):  # noqa: F811
+    return Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
+
+
+def predict_cfg(root, *overrides):
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
+
 
 def broken_checkpoint(tiny_checkpoint, tmp_path):  # noqa: F811
     path = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, path)
     return path
+
+
+@pytest.mark.parametrize("override, key", [
+    ("chunk_size=0", "chunk_size"), ("chunk_size=-1", "chunk_size"), ("batch_size=-3", "batch_size"),
+    ("batch_size=0", "batch_size"), ("batch_size=abc", "batch_size"), ("threshold=1.5", "threshold"),
+    ("threshold=-0.5", "threshold"), ("top_k=0", "top_k"), ("top_k=-1", "top_k"), ("output=x.csv.gz", "output"),
+    ("precision=fp8", "precision"), ("on_error=ignore", "on_error"), ("shard=2/2", "shard"),
+])
+def test_3_9_bad_predict_setting_names_the_key(root, tmp_path, override, key):
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    cfg = predict_cfg(root, f"input={src}", f"output={tmp_path / 'out.jsonl'}", override)
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        validate_predict(cfg)
+
+
+def test_2_9_output_over_the_input_or_a_directory_is_refused(root, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    before = (tmp_path / "in.jsonl").read_bytes()
+    for output, reason in ((src, "would overwrite the input"), (f"{tmp_path}/./in.jsonl", "would overwrite the input"),
+                           (str(tmp_path), "is a directory")):
+        with pytest.raises(ConfigError, match=f"^output=.*{reason}"):
+            validate_predict(predict_cfg(root, f"input={src}", f"output={output}"))
+    (tmp_path / "link.jsonl").symlink_to(src)
+    with pytest.raises(ConfigError, match="would overwrite the input"):
+        validate_predict(predict_cfg(root, f"input={tmp_path / 'link.jsonl'}", f"output={src}"))
+    assert (tmp_path / "in.jsonl").read_bytes() == before
+    validate_predict(predict_cfg(root, f"input={src}", f"output={tmp_path / 'out.jsonl'}"))  # a good one passes
+
+
+def killed_run(tagger, src, out, monkeypatch):
+    monkeypatch.setattr(tagger, "scores", lambda texts, **kw: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        predict_file(tagger, src, out, chunk_size=2, progress=False)
+    monkeypatch.undo()
+
+
+def test_4_resume_refuses_a_replaced_input_or_another_checkpoint(tagger, tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    src, out = write_jsonl(tmp_path / "in.jsonl", records(6)), tmp_path / "out.jsonl"
+    killed_run(tagger, src, out, monkeypatch)
+    write_jsonl(tmp_path / "in.jsonl", records(7)[1:])  # same path, other papers
+    with pytest.raises(ValueError, match="different input_content"):
+        predict_file(tagger, src, out, chunk_size=2, progress=False, resume=True)
+    assert OutputFiles(out).journal.exists()  # the refusal keeps the partial run for a resume that fits
+
+    write_jsonl(tmp_path / "in.jsonl", records(6))
+    killed_run(tagger, src, out, monkeypatch)
+    other = broken_checkpoint(tiny_checkpoint, tmp_path)
+    (other / "thresholds.json").write_text(json.dumps({t: 0.3 for t in tagger.labels}))
+    with pytest.raises(ValueError, match="different checkpoint_weights"):
+        predict_file(Tagger.from_pretrained(other, precision="fp32"), src, out, chunk_size=2, progress=False,
+                     resume=True)
+
+
+def test_4_checkpoint_fingerprint_covers_the_rule_blend(tagger, taxonomy, monkeypatch):
+    from abstract_tagger.predict_io import _weights_digest
+    from abstract_tagger.rule_blend import RuleBlend, rule_functions
+
+    before = _weights_digest(tagger)
+    table = np.full((3 ** len(rule_functions(taxonomy, 1).names), len(taxonomy)), 0.5, dtype=np.float32)
+    monkeypatch.setattr(tagger, "blend", RuleBlend(taxonomy, 1, table, 0.3))
+    with_blend = _weights_digest(tagger)
+    monkeypatch.setattr(tagger, "blend", RuleBlend(taxonomy, 1, table, 0.4))
+    assert len({before, with_blend, _weights_digest(tagger)}) == 3
 
 
 def drop_classifier(path):
@@ -75,6 +160,11 @@ def test_5_6_broken_checkpoint_is_refused_naming_it(tiny_checkpoint, tmp_path, d
     with pytest.raises(CheckpointError, match=message) as err:
         Tagger.from_pretrained(path, precision="fp32")
     assert "thresholds.json" in str(err.value) or str(path) in str(err.value)
+
+
+def test_6_infinite_learning_rate_fails_at_start(root, taxonomy):
+    with pytest.raises(ConfigError, match=r"^trainer.lr=inf: must be a positive number"):
+        validate(make_cfg(root, "trainer.lr=inf"), taxonomy.ids)
 
 
 def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonomy, tmp_path):  # noqa: F811
@@ -130,6 +220,69 @@ def test_7_export_clears_what_a_killed_export_left(tiny_checkpoint, taxonomy, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+@pytest.fixture
+def published(tiny_checkpoint, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run / "checkpoint")
+    out = tmp_path / "checkpoints"
+    (out / "tiny").mkdir(parents=True)
+    (out / "tiny/model.safetensors").write_bytes(b"the published weights")
+    return run, out
+
+
+def test_8_dry_run_leaves_the_published_checkpoint_alone(published, capsys):
+    run, out = published
+    publish_main([str(run), "name=tiny", f"out_dir={out}", "push_to_hub=true", "repo_id=me/tiny", "dry_run=true"])
+    assert (out / "tiny/model.safetensors").read_bytes() == b"the published weights"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny"]
+    assert "dry run: would upload" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["push_to_hub=true"], ["max_mb=-1"], ["name=../x"], ["dry_run=maybe"]])
+def test_8_bad_publish_settings_fail_before_touching_anything(published, bad):
+    run, out = published
+    with pytest.raises(SystemExit, match=r"^error: (repo_id|max_mb|name|dry_run)="):
+        publish_main([str(run), "name=tiny", f"out_dir={out}", *bad])
+    assert (out / "tiny/model.safetensors").read_bytes() == b"the published weights"
+
+
+def test_10_predict_cli_errors_are_one_line_without_traceback(root, tiny_checkpoint, tmp_path):  # noqa: F811
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    broken = broken_checkpoint(tiny_checkpoint, tmp_path)
+    half_weights(broken)
+    for args, message in ((["batch_size=0"], "error: batch_size=0: must be a positive integer"),
+                          ([f"checkpoint={broken}"], f"error: {broken}: cannot load"),
+                          (["output=???"], "error: Missing mandatory value: output")):
+        proc = subprocess.run([sys.executable, str(root / "predict.py"), f"input={src}", "output=out.jsonl",
+                               f"checkpoint={tiny_checkpoint}", "progress=false", *args],
+                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "in.jsonl"]
+
+
+def test_10_label_cli_errors_are_one_line_without_traceback(root, tmp_path):
+    proc = subprocess.run([sys.executable, str(root / "label.py"), f"hydra.run.dir={tmp_path / 'run'}",
+                           f"data.sources.seed.path={tmp_path / 'missing.txt'}"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "error: data.sources.seed.path=" in proc.stderr and "file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_10_failed_predict_run_leaves_no_debris(tagger, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", records(3) + [{"id": "bad"}])
+    with pytest.raises(CorpusError, match=":4: missing title"):
+        predict_file(tagger, src, tmp_path / "out.jsonl", chunk_size=2, on_error="raise", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["empty", "blank-lines"])
+def test_12_empty_input_is_a_warning(tagger, tmp_path, caplog, content):
+    (tmp_path / "in.jsonl").write_text(content)
+    with caplog.at_level(logging.WARNING):
+        stats = predict_file(tagger, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False)
+    assert stats.read == 0 and "no records (empty input)" in caplog.text
 
 def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, papers, taxonomy, tmp_path,  # noqa: F811
                                                                        monkeypatch):

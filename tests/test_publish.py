@@ -41,14 +41,14 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
 
 
 def test_publish_refuses_a_checkpoint_over_the_size_limit(run_dir, tmp_path):
-    with pytest.raises(ValueError, match="over max_mb=0.1"):
+    with pytest.raises(SystemExit, match="^error: .*over max_mb=0.1"):
         main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}", "max_mb=0.1"])
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_publish_refuses_pickle_weights(run_dir, tmp_path):
     (run_dir / "checkpoint/model.safetensors").rename(run_dir / "checkpoint/pytorch_model.bin")
-    with pytest.raises(ValueError, match="only pickle weights"):
+    with pytest.raises(SystemExit, match="^error: .*only pickle weights"):
         main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}"])
 
 

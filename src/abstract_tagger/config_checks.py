@@ -1,13 +1,21 @@
-"""Start-up checks of the training config, so a bad value fails before any work with the key named,
-and the run-directory resolver every launched rank agrees on."""
+"""Start-up checks of every entry point's settings (train, label, predict, publish), so a bad value
+fails before any work with the key named; the one-line `error: ...` exit they all share; and the
+run-directory resolver every launched rank agrees on."""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from abstract_tagger.thresholds import POLICIES
 
@@ -17,6 +25,19 @@ EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+@contextmanager
+def exit_on_error(log: logging.Logger, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn what a user can fix into one `error: ...` line and exit status 1, not a traceback. Every
+    error the package raises for bad settings, input, checkpoints or states is a ValueError (ConfigError,
+    CorpusError, CheckpointError, ...); OSError covers files that cannot be read or written, and
+    OmegaConfBaseException a setting left unset (`input=???`) or of the wrong type."""
+    try:
+        yield
+    except (ValueError, OSError, OmegaConfBaseException, *errors) as e:
+        log.error("%s", e)
+        sys.exit(f"error: {e}")
 
 
 def run_stamp() -> str:
@@ -45,8 +66,38 @@ def _positive(cfg: DictConfig, key: str, *, integer: bool = False, allow_none: b
     if value is None and allow_none:
         return
     kind = int if integer else (int, float)
-    _require(isinstance(value, kind) and not isinstance(value, bool) and value > 0, key,
+    # isfinite: trainer.lr=inf trains to NaN weights.
+    _require(isinstance(value, kind) and not isinstance(value, bool) and value > 0 and math.isfinite(value), key,
              f"must be a positive {'integer' if integer else 'number'}", value)
+
+
+def _one_of(cfg: DictConfig, key: str, choices: tuple) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in choices, key, f"must be one of {choices}", value)
+
+
+def _fraction(cfg: DictConfig, key: str, *, allow_none: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    _require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1, key,
+             "must be a number in [0, 1]", value)
+
+
+def _existing_file(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, str) and Path(value).is_file(), key, "file not found", value)
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    """The `data` group, shared by train.py and label.py."""
+    for name in cfg.data.sources:
+        _existing_file(cfg, f"data.sources.{name}.path")
+    for split, named in cfg.data.gold.items():
+        for name, path in (named or {}).items():
+            _require(path is None or Path(path).is_file(), f"data.gold.{split}.{name}", "file not found", path)
+    _one_of(cfg, "data.on_error", ("raise", "skip"))
+    _positive(cfg, "data.max_chars", integer=True)
 
 
 def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
@@ -90,10 +141,74 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     _require(cfg.export.dtype in EXPORT_DTYPES, "export.dtype", f"must be one of {EXPORT_DTYPES}", cfg.export.dtype)
     _require(isinstance(cfg.export.review_size, int) and cfg.export.review_size >= 0, "export.review_size",
              "must be an integer >= 0", cfg.export.review_size)
-    for name, source in cfg.data.sources.items():
-        _require(Path(source.path).is_file(), f"data.sources.{name}.path", "file not found", source.path)
-    for split, named in cfg.data.gold.items():
-        for name, path in (named or {}).items():
-            _require(path is None or Path(path).is_file(), f"data.gold.{split}.{name}", "file not found", path)
+    validate_label(cfg)
     _require(not cfg.data.gold_train or Path(cfg.data.gold_train).is_file(), "data.gold_train", "file not found",
              cfg.data.gold_train)
+
+
+def validate_label(cfg: DictConfig) -> None:
+    """label.py (and the weak-labelling part of train.py)."""
+    from abstract_tagger.labeling.label_model import LABEL_MODELS
+
+    _validate_data(cfg)
+    _one_of(cfg, "labeling.model", LABEL_MODELS)
+    _fraction(cfg, "labeling.threshold")
+    for key in ("labeling.chunk_size", "labeling.fit_max_records"):
+        _positive(cfg, key, integer=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def validate_predict(cfg: DictConfig) -> None:
+    """predict.py: every setting, before the model loads and before anything is written."""
+    from abstract_tagger.corpus import FORMATS
+    from abstract_tagger.predict_io import OutputFiles, parse_shard
+    from abstract_tagger.prediction import PRECISIONS as PREDICT_PRECISIONS
+
+    for key in ("batch_size", "chunk_size", "max_chars"):
+        _positive(cfg, key, integer=True)
+    for key in ("top_k", "num_threads"):
+        _positive(cfg, key, integer=True, allow_none=True)
+    _fraction(cfg, "threshold", allow_none=True)
+    _require(isinstance(cfg.recheck_margin, int | float) and not isinstance(cfg.recheck_margin, bool)
+             and 0 <= cfg.recheck_margin < 1, "recheck_margin", "must be a number in [0, 1)", cfg.recheck_margin)
+    _one_of(cfg, "precision", PREDICT_PRECISIONS)
+    _one_of(cfg, "on_error", ("raise", "skip"))
+    _one_of(cfg, "format", (None, *FORMATS))
+    for key in ("resume", "progress"):
+        _one_of(cfg, key, (True, False))
+    try:
+        parse_shard(cfg.shard)
+    except ValueError as e:
+        raise ConfigError(f"shard={cfg.shard!r}: {e}") from None
+    _require(cfg.fields is None or (isinstance(cfg.fields, DictConfig) and all(isinstance(v, str) for v in
+             cfg.fields.values())), "fields", "must be a mapping like {title: COLUMN, abstract: COLUMN}", cfg.fields)
+    source = str(cfg.input)
+    _require(source == "-" or Path(source).is_file(), "input", "file not found (or not a file)", source)
+    output = Path(str(cfg.output))
+    _require(not output.is_dir(), "output", "is a directory; give a file name", str(output))
+    # Rows are appended and truncated by byte offset to resume; a compressed stream cannot be.
+    _require(output.suffix.lower() != ".gz", "output", "compressed output is not supported; write a .jsonl "
+             "or .csv and compress it afterwards", str(output))
+    if source != "-":
+        files = OutputFiles(output)
+        for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal):
+            _require(not _same_file(path, Path(source)), "output", f"would overwrite the input {source}", str(output))
+
+
+def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
+    """`python -m abstract_tagger.publish`: checked before the published checkpoint is touched."""
+    cfg = OmegaConf.create(dict(opts))
+    _require((run_dir / "checkpoint").is_dir(), "RUN_DIR", "has no checkpoint/ directory", str(run_dir))
+    _require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
+             "name", "must be a plain directory name", cfg.name)
+    _require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
+    _positive(cfg, "max_mb")
+    _fraction(cfg, "max_score_diff")
+    for key in ("push_to_hub", "private", "dry_run"):
+        _one_of(cfg, key, (True, False))
+    if cfg.push_to_hub:
+        _require(isinstance(cfg.repo_id, str) and cfg.repo_id.count("/") == 1, "repo_id",
+                 "push_to_hub=true needs repo_id=USER/NAME", cfg.repo_id)

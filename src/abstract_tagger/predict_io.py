@@ -10,6 +10,7 @@ at, so a killed run resumes exactly after its last whole chunk; the partial file
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, read_source
+from abstract_tagger.config_checks import validate_predict
+from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
 from abstract_tagger.prediction import Tagger
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,19 @@ class RowFormat:
             json.dumps({"id": pid, "tags": t, "scores": dict(zip(self.labels, row))}, ensure_ascii=False) + "\n"
             for pid, t, row in zip(ids, tags, rounded)
         ).encode("utf-8", "surrogateescape")
+
+
+def _weights_digest(tagger: Tagger) -> str:
+    """Fingerprint of what decides the scores (weights, thresholds, rule blend), so a resumed run never
+    mixes rows of two models."""
+    h = hashlib.sha256()
+    for name, tensor in tagger.model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(tagger.thresholds.tobytes())
+    if tagger.blend is not None:  # rules.json: its weight and table change the scores too
+        h.update(json.dumps(tagger.blend.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -212,6 +228,10 @@ def predict_file(
     settings = {
         "input": str(input), "format": format, "chunk_size": chunk_size, "shard": [index, count],
         "csv": rows.csv, "labels": tagger.labels, "top_k": top_k, "threshold": threshold,
+        # Contents, not names: a file replaced at the same path, or another checkpoint, must not be
+        # resumed into. Stdin cannot be fingerprinted before it is read.
+        "input_content": None if str(input) == "-" else file_digest(input),
+        "checkpoint_weights": _weights_digest(tagger),
     }
     # Stdin has no name to guess a format from; JSON lines is the pipe-friendly one.
     fmt = format or ("jsonl" if str(input) == "-" else None)
@@ -231,11 +251,18 @@ def predict_file(
             tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
             run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
             bar.update(len(chunk))
+    except Exception:
+        # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
+        run.close()
+        files.remove_partials()
+        raise
     finally:
         bar.close()
         run.close()
     if finalize:
         files.finalize(run.stats.rejected)
+    if not run.stats.read and index == 0:
+        log.warning("%s: no records (empty input); %s is empty", input, files.output)
     return run.stats
 
 
@@ -279,9 +306,9 @@ def merge_parts(output: str | Path, count: int) -> PredictStats:
 def predict_from_config(cfg: Any) -> PredictStats:
     """The `predict.py` job; under `accelerate launch` each process tags every N-th chunk and the main
     process merges the parts in input order."""
-    import torch
     from accelerate import PartialState
 
+    validate_predict(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # Without cpu=True, accelerate treats CPU processes started by torchrun or mpirun as one.

@@ -6,17 +6,21 @@
 Copies RUN_DIR/checkpoint with the weights cast to fp16 safetensors (half the size; scores move by
 less than `max_score_diff`, which is checked on the taxonomy's tag descriptions), refuses anything
 over `max_mb`, then swaps the finished directory into `out_dir/name` by rename, so readers never see
-a half-written checkpoint. `push_to_hub=true` uploads it with huggingface_hub; `dry_run=true` only
+a half-written checkpoint. `push_to_hub=true` uploads it with huggingface_hub; `dry_run=true` does
+the re-export and its checks in a temporary directory, leaving `out_dir/name` as it is, and only
 lists what would be uploaded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,10 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from abstract_tagger.config_checks import exit_on_error, validate_publish
 from abstract_tagger.prediction import Tagger, check_checkpoint
+
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "name": "abstract-tagger-minilm",
@@ -125,10 +132,16 @@ def push(folder: Path, *, repo_id: str | None, private: bool, dry_run: bool) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     run_dir, opts = parse_args(sys.argv[1:] if argv is None else argv)
-    dest = publish(run_dir, name=opts["name"], out_dir=opts["out_dir"], max_mb=opts["max_mb"],
-                   max_score_diff=opts["max_score_diff"])
-    if opts["push_to_hub"]:
-        push(dest, repo_id=opts["repo_id"], private=opts["private"], dry_run=opts["dry_run"])
+    with exit_on_error(log):
+        validate_publish(run_dir, opts)
+        dry_run = opts["dry_run"]
+        with tempfile.TemporaryDirectory() if dry_run else nullcontext(opts["out_dir"]) as out_dir:
+            dest = publish(run_dir, name=opts["name"], out_dir=out_dir, max_mb=opts["max_mb"],
+                           max_score_diff=opts["max_score_diff"])
+            if dry_run:
+                print(f"dry run: {Path(opts['out_dir']) / opts['name']} left as it is")
+            if opts["push_to_hub"]:
+                push(dest, repo_id=opts["repo_id"], private=opts["private"], dry_run=dry_run)
 
 
 if __name__ == "__main__":
