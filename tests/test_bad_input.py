@@ -81,6 +81,16 @@ def test_11_seed_abstract_fault_is_reported_on_its_own_line(root, tmp_path):
     assert (first.line, first.reason) == (4, "abstract is not valid UTF-8")
 
 
+def test_seed_title_line_repeated_twice_stops_at_its_line(root, tmp_path):
+    # Found by the property test: two extra copies of a title line pair the lines up again, so the
+    # title-length check alone let a (title, title) paper through.
+    lines = (root / "data/hf_papers_seed.txt").read_bytes().split(b"\n")
+    path = tmp_path / "seed.txt"
+    path.write_bytes(b"\n".join(lines[:4] + [lines[4], lines[4]] + lines[4:]))
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:6: expected an abstract but found"):
+        list(read_source(path))
+
+
 def test_11_json_error_message_reads_well(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"title": "unterminated')

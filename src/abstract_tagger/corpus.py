@@ -44,6 +44,9 @@ _SEED_GLUE = "Subscribe"
 # Seed titles are at most ~160 characters and abstracts at least ~550: a longer "title" means the
 # title/abstract pairing has slipped.
 _SEED_MAX_TITLE_CHARS = 400
+# ... and a shorter "abstract" is a title: a line is doubled (or missing) above, which an even number
+# of such faults would otherwise hide by pairing the lines up again.
+_SEED_MIN_ABSTRACT_CHARS = 200
 # What a truncated or corrupt `.gz`, or a failing disk, raises mid-stream.
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 
@@ -257,7 +260,8 @@ def _make_paper(
 
 
 def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int = 20_000,
-                   max_title_chars: int = _SEED_MAX_TITLE_CHARS) -> Iterator[Paper | Reject]:
+                   max_title_chars: int = _SEED_MAX_TITLE_CHARS,
+                   min_abstract_chars: int = _SEED_MIN_ABSTRACT_CHARS) -> Iterator[Paper | Reject]:
     """The paper-listing page dump: two header lines, `Subscribe` glued to the first title, then
     title line / abstract line pairs; ids `{id_prefix}-000`... in page order. Structural faults shift
     every later pair, so they always raise, whatever the error policy. A web-page dump is small, so
@@ -277,6 +281,13 @@ def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int 
             raise CorpusError(
                 source, tline,
                 f"expected a title but found {len(title)} characters: a title or abstract line is missing above",
+            )
+    for (aline, abstract) in body[1::2]:
+        if len(abstract.strip()) < min_abstract_chars:
+            raise CorpusError(
+                source, aline,
+                f"expected an abstract but found {len(abstract.strip())} characters: a title line is repeated "
+                "or an abstract line is missing above",
             )
     if len(body) % 2:
         raise CorpusError(source, body[-1][0], "unpaired trailing line: a title with no abstract line")
