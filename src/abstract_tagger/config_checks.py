@@ -36,7 +36,11 @@ def exit_on_error(log: logging.Logger, *errors: type[BaseException]) -> Iterator
     try:
         yield
     except (ValueError, OSError, OmegaConfBaseException, *errors) as e:
-        log.error("%s", e)
+        log.debug("traceback of the error below", exc_info=True)  # hydra.verbose=true shows it
+        # Into the run's log file (train.py, label.py); where logs only go to the terminal (predict.py,
+        # publish) the exit message is the one copy.
+        if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
+            log.error("%s", e)
         sys.exit(f"error: {e}")
 
 
