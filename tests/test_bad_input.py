@@ -16,8 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_label_cli import GOLD, write_corpus
-from test_predict_cli import write_jsonl
+from helpers import GOLD, write_corpus, write_jsonl
 
 from abstract_tagger.corpus import CorpusError, CorpusStats, read_corpus, read_source
 

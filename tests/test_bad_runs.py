@@ -20,13 +20,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
-from test_predict_cli import Killed, records, write_jsonl
-from test_training import fit, make_cfg, papers, synthetic_targets, weights  # noqa: F401  (module fixture)
+from helpers import Killed, fit, make_cfg, records, synthetic_targets, weights, write_jsonl
 
 from abstract_tagger import Tagger, pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint
 from abstract_tagger.config_checks import ConfigError, validate, validate_predict
-from abstract_tagger.corpus import CorpusError
+from abstract_tagger.corpus import CorpusError, read_seed_dump
 from abstract_tagger.predict_io import OutputFiles, predict_file
 from abstract_tagger.prediction import CheckpointError
 from abstract_tagger.publish import main as publish_main
@@ -35,7 +34,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_T
 
 
 @pytest.fixture(scope="module")
-def tagger(tiny_checkpoint):  # noqa: F811
+def papers(root):
+    return list(read_seed_dump(root / "data/hf_papers_seed.txt"))[:48]
+
+
+@pytest.fixture(scope="module")
+def tagger(tiny_checkpoint):
     return Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
 
 
@@ -44,7 +48,7 @@ def predict_cfg(root, *overrides):
         return compose("predict", overrides=list(overrides))
 
 
-def broken_checkpoint(tiny_checkpoint, tmp_path):  # noqa: F811
+def broken_checkpoint(tiny_checkpoint, tmp_path):
     path = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, path)
     return path
@@ -84,7 +88,7 @@ def killed_run(tagger, src, out, monkeypatch):
     monkeypatch.undo()
 
 
-def test_4_resume_refuses_a_replaced_input_or_another_checkpoint(tagger, tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
+def test_4_resume_refuses_a_replaced_input_or_another_checkpoint(tagger, tiny_checkpoint, tmp_path, monkeypatch):
     src, out = write_jsonl(tmp_path / "in.jsonl", records(6)), tmp_path / "out.jsonl"
     killed_run(tagger, src, out, monkeypatch)
     write_jsonl(tmp_path / "in.jsonl", records(7)[1:])  # same path, other papers
@@ -154,7 +158,7 @@ def thresholds(value):
     (nan_weights, r"non-finite \(NaN/inf\) weights in classifier.weight"),
 ], ids=["no-classifier", "threshold-2", "threshold-minus-1", "threshold-nan", "17-labels", "half-safetensors",
         "nan-weights"])
-def test_5_6_broken_checkpoint_is_refused_naming_it(tiny_checkpoint, tmp_path, damage, message):  # noqa: F811
+def test_5_6_broken_checkpoint_is_refused_naming_it(tiny_checkpoint, tmp_path, damage, message):
     path = broken_checkpoint(tiny_checkpoint, tmp_path)
     damage(path)
     with pytest.raises(CheckpointError, match=message) as err:
@@ -167,7 +171,7 @@ def test_6_infinite_learning_rate_fails_at_start(root, taxonomy):
         validate(make_cfg(root, "trainer.lr=inf"), taxonomy.ids)
 
 
-def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonomy, tmp_path):  # noqa: F811
+def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonomy, tmp_path):
     cfg = make_cfg(root, "trainer.epochs=1", "trainer.batch_size=8", "trainer.log_every=1")
     probs = synthetic_targets(papers, taxonomy)
     probs[3, 0] = np.nan  # a NaN target, like an infinite learning rate, makes the loss NaN
@@ -182,7 +186,7 @@ def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonom
     assert not (tmp_path / "state").exists()
 
 
-def test_7_kill_as_a_state_is_created_resumes_from_the_last_complete_one(root, papers, taxonomy, tmp_path,  # noqa: F811
+def test_7_kill_as_a_state_is_created_resumes_from_the_last_complete_one(root, papers, taxonomy, tmp_path,
                                                                           monkeypatch):
     # 40 papers / batch 8 = 5 batches an epoch; states at the ends of epochs 1 and 2 (batches 5, 10).
     overrides = ["trainer.epochs=3", "trainer.batch_size=8", "trainer.log_every=1"]
@@ -209,7 +213,7 @@ def test_7_kill_as_a_state_is_created_resumes_from_the_last_complete_one(root, p
     assert sorted(p.name for p in (tmp_path / "killed/state").iterdir()) == ["batch-10", "batch-15"]  # no debris
 
 
-def test_7_export_clears_what_a_killed_export_left(tiny_checkpoint, taxonomy, tmp_path):  # noqa: F811
+def test_7_export_clears_what_a_killed_export_left(tiny_checkpoint, taxonomy, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
@@ -221,7 +225,7 @@ def test_7_export_clears_what_a_killed_export_left(tiny_checkpoint, taxonomy, tm
 
 
 @pytest.fixture
-def published(tiny_checkpoint, tmp_path):  # noqa: F811
+def published(tiny_checkpoint, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, run / "checkpoint")
     out = tmp_path / "checkpoints"
@@ -246,7 +250,7 @@ def test_8_bad_publish_settings_fail_before_touching_anything(published, bad):
     assert (out / "tiny/model.safetensors").read_bytes() == b"the published weights"
 
 
-def test_10_predict_cli_errors_are_one_line_without_traceback(root, tiny_checkpoint, tmp_path):  # noqa: F811
+def test_10_predict_cli_errors_are_one_line_without_traceback(root, tiny_checkpoint, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", records(2))
     broken = broken_checkpoint(tiny_checkpoint, tmp_path)
     half_weights(broken)
@@ -284,7 +288,7 @@ def test_12_empty_input_is_a_warning(tagger, tmp_path, caplog, content):
         stats = predict_file(tagger, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False)
     assert stats.read == 0 and "no records (empty input)" in caplog.text
 
-def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, papers, taxonomy, tmp_path,  # noqa: F811
+def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, papers, taxonomy, tmp_path,
                                                                        monkeypatch):
     """metrics.json and loss.png are built from `Trained.rounds`: after a kill in round 1 and a resume,
     each round's result still covers its epochs before the kill."""

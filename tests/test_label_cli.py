@@ -8,40 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-PAPERS = [
-    ("t01", "Causal effect estimation with instrumental variables",
-     "We estimate average treatment effects under unobserved confounding using instruments.", []),
-    ("t02", "Chain-of-thought prompting improves mathematical reasoning in large language models",
-     "We study step-by-step reasoning traces of language models on math word problems.", ["cs.CL"]),
-    ("t03", "Quantization and pruning for efficient inference of large language models",
-     "We reduce latency and memory footprint of LLM serving with 4-bit quantization.", ["cs.CL", "cs.LG"]),
-    ("t04", "Semantic segmentation of street scenes with vision transformers",
-     "We label every pixel of driving images with a transformer backbone.", ["cs.CV"]),
-    ("t05", "Membership inference attacks against fine-tuned models",
-     "An adversary infers whether a record was in the training data; we audit privacy leakage.", ["cs.CR"]),
-    ("t06", "Speech recognition for low-resource languages",
-     "We train acoustic models on spoken audio and report word error rates.", ["eess.AS"]),
-    ("t07", "Variational inference for Gaussian process models",
-     "We derive a tighter evidence lower bound for sparse Gaussian process posteriors.", ["stat.ML"]),
-    ("t08", "Conformal prediction sets with coverage guarantees",
-     "We build distribution-free prediction sets and study calibration of uncertainty.", ["stat.ML"]),
-    ("t09", "Diffusion models for high-resolution image generation",
-     "A latent diffusion model generates images from text prompts.", ["cs.CV"]),
-    ("t10", "Satellite imagery for crop yield prediction",
-     "We use remote sensing time series from Sentinel-2 to predict yields across regions.", []),
-    ("t11", "Offline reinforcement learning with learned world models",
-     "An agent learns a policy from logged rewards without environment interaction.", ["cs.LG"]),
-    ("t12", "A benchmark for open-domain question answering",
-     "We introduce a new dataset and evaluate language models on questions about documents.", ["cs.CL"]),
-]
-GOLD = {"t01": ["causal-inference"], "t02": ["llm-reasoning", "nlp"], "t04": ["computer-vision"],
-        "t05": ["security-privacy"], "t06": ["speech-audio"], "t12": ["evaluation-benchmarks", "nlp"]}
-
-
-def write_corpus(path: Path, extra_lines: list[str] = ()) -> None:
-    lines = [json.dumps({"id": i, "title": t, "abstract": a, "categories": c}) for i, t, a, c in PAPERS]
-    path.write_text("\n".join([*lines, *extra_lines]) + "\n", encoding="utf-8")
+from helpers import GOLD, PAPERS, write_corpus
 
 
 def run_label(root: Path, tmp: Path, corpus: Path, *overrides: str,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TRAIN
+from helpers import TRAIN, Killed, records, write_jsonl
 
 from abstract_tagger import Tagger
 from abstract_tagger.corpus import CorpusError
@@ -17,23 +17,9 @@ from abstract_tagger.predict_io import OutputFiles, merge_parts, predict_file
 EXPECTED = [tag for _, tag in TRAIN]
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL: nothing after the raise runs, not even `except Exception` handlers."""
-
-
 @pytest.fixture(scope="module")
 def tagger(tiny_checkpoint):
     return Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
-
-
-def records(n: int) -> list[dict]:
-    """n papers cycling through the trained abstracts, duplicates included on purpose."""
-    return [{"id": f"r{i:02d}", "title": TRAIN[i % 3][0][0], "abstract": TRAIN[i % 3][0][1]} for i in range(n)]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def read_rows(path) -> list[dict]:

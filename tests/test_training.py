@@ -4,64 +4,24 @@ thresholds and export."""
 
 import json
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from hydra import compose, initialize_config_dir
+from helpers import fit, make_cfg, weights
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from abstract_tagger import pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint, load_thresholds
-from abstract_tagger.config_checks import ConfigError, register_resolvers, validate
+from abstract_tagger.config_checks import ConfigError, validate
 from abstract_tagger.corpus import read_seed_dump
-from abstract_tagger.model import BUNDLED_MINILM, Backbone, BackboneUnavailable, load_backbone, resolve_path
-
-
-def make_cfg(root, *overrides):
-    register_resolvers()
-    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
-        return compose("train", overrides=["model=tiny", "logger=none", "trainer.precision=no", *overrides])
+from abstract_tagger.model import BUNDLED_MINILM, BackboneUnavailable, load_backbone, resolve_path
 
 
 @pytest.fixture(scope="module")
 def papers(root):
     return [p for p in read_seed_dump(root / "data/hf_papers_seed.txt")][:48]
-
-
-def synthetic_targets(papers, taxonomy):
-    """Learnable soft targets: a tag is likely when a word of its name occurs in the text."""
-    words = [t.name.split()[0].lower() for t in taxonomy.tags]
-    return np.array([[0.9 if w in p.text.lower() else 0.05 for w in words] for p in papers], dtype=np.float32)
-
-
-@dataclass
-class Fitted:
-    backbone: Backbone
-    losses: list
-    epoch_metrics: list
-    steps: list
-    epoch_steps: list
-
-
-def fit(cfg, papers, taxonomy, run_dir):
-    """What pipeline.run does around the loop: seed, backbone (with the fallback's settings), prepare."""
-    probs = synthetic_targets(papers, taxonomy)
-    set_seed(cfg.seed)
-    backbone = pipeline.load_model(cfg, taxonomy.ids)
-    accelerator = training.make_accelerator(cfg)
-    backbone.model = accelerator.prepare(backbone.model)
-    result = training.fit(cfg.trainer, accelerator, backbone.model, backbone.tokenizer, cfg.model.max_length,
-                          papers[:-8], probs[:-8], papers[-8:], (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids,
-                          run_dir / "state", cfg.trainer.epochs)
-    return Fitted(backbone, result.losses, result.epoch_metrics, result.steps, result.epoch_steps)
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_loss_falls_and_export_loads(root, papers, taxonomy, tmp_path):
