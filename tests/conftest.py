@@ -31,3 +31,13 @@ def tiny_checkpoint(tmp_path_factory, taxonomy) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), taxonomy)
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_checkpoint(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint with its ONNX graphs (fp32 weights: shared with the safetensors as they are)."""
+    import shutil
+
+    from abstract_tagger.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("tiny-onnx-checkpoint") / "checkpoint"
+    export_onnx(shutil.copytree(tiny_checkpoint, path))
+    return path

@@ -23,6 +23,8 @@ RL = (
     "A reinforcement learning agent learns a policy from reward in Markov decision process environments.",
 )
 TRAIN = [(SPEECH, "speech-audio"), (VISION, "computer-vision"), (RL, "reinforcement-learning")]
+# The prediction backends a test runs on (the tiny checkpoint with its ONNX graphs serves both).
+BACKENDS = ["torch", "onnx"]
 
 
 def build_tiny_checkpoint(path: Path, taxonomy) -> Path:

@@ -8,18 +8,19 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TRAIN, Killed, records, write_jsonl
+from helpers import BACKENDS, TRAIN, Killed, records, write_jsonl
 
 from abstract_tagger import Tagger
+from abstract_tagger.config_checks import ConfigError, validate_predict
 from abstract_tagger.corpus import CorpusError
 from abstract_tagger.predict_io import OutputFiles, merge_parts, predict_file
 
 EXPECTED = [tag for _, tag in TRAIN]
 
 
-@pytest.fixture(scope="module")
-def tagger(tiny_checkpoint):
-    return Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
+@pytest.fixture(scope="module", params=BACKENDS)
+def tagger(request, tiny_onnx_checkpoint):
+    return Tagger.from_pretrained(tiny_onnx_checkpoint, backend=request.param, precision="fp32")
 
 
 def read_rows(path) -> list[dict]:
@@ -167,11 +168,13 @@ def test_shards_cover_the_input_and_merge_back_in_order(tagger, tmp_path, name):
     assert sorted(p.name for p in tmp_path.glob("merged-*")) == [f"merged-{name}", f"merged-{name}.rejects.jsonl"]
 
 
-def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_checkpoint, tmp_path, root):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_onnx_checkpoint, tmp_path, root, backend):
     bad = bad_input(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(root / "predict.py"), "input=-", "output=tags.csv", f"checkpoint={tiny_checkpoint}",
+        [sys.executable, str(root / "predict.py"), "input=-", "output=tags.csv", f"checkpoint={tiny_onnx_checkpoint}",
+         f"backend={backend}",
          "progress=false", "top_k=1", "precision=fp32"],
         input=bad.read_bytes(), cwd=tmp_path, env=env, capture_output=True, timeout=120,
     )
@@ -186,8 +189,29 @@ def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_checkpoint, tmp_pa
 
     proc = subprocess.run(
         [sys.executable, str(root / "predict.py"), f"input={bad}", "output=strict.jsonl", "on_error=raise",
-         f"checkpoint={tiny_checkpoint}", "progress=false"],
+         f"checkpoint={tiny_onnx_checkpoint}", f"backend={backend}", "progress=false"],
         cwd=tmp_path, env=env, capture_output=True, timeout=120,
     )
     assert proc.returncode != 0
     assert f"{bad}:2: malformed JSON" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["backend=tensorrt"], "backend"), (["backend=onnx", "precision=bf16"], "precision"),
+    (["backend=torch", "precision=int8"], "precision"), (["precision=fp8"], "precision"),
+    (["recheck_margin=-0.1"], "recheck_margin"), (["+recheck_margin.int9=0.5"], "recheck_margin"),
+    (["recheck_margin={int8: -1}"], "recheck_margin"), (["num_threads=0"], "num_threads"),
+    ([], None), (["backend=onnx", "precision=int8", "recheck_margin={int8: 0.3}"], None),
+    (["backend=torch", "precision=bf16", "recheck_margin=0.05", "num_threads=2"], None),
+])
+def test_backend_settings_are_checked_at_start(root, tmp_path, overrides, key):
+    from hydra import compose, initialize_config_dir
+
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        cfg = compose("predict", overrides=[f"input={src}", f"output={tmp_path / 'out.jsonl'}", *overrides])
+    if key is None:
+        validate_predict(cfg)
+    else:
+        with pytest.raises(ConfigError, match=rf"^{key}="):
+            validate_predict(cfg)

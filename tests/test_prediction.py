@@ -1,6 +1,7 @@
 """Tagger on a tiny BERT trained a few steps here, plus the published checkpoint with plain transformers."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,16 +13,16 @@ import torch
 
 from abstract_tagger import Tagger
 from abstract_tagger.corpus import Paper
-from abstract_tagger.prediction import CheckpointError, check_checkpoint
+from abstract_tagger.prediction import CheckpointError, check_checkpoint, choose_backend, logit, sigmoid
 
-from helpers import SPEECH, TRAIN
+from helpers import BACKENDS, SPEECH, TRAIN
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "checkpoints/abstract-tagger-minilm"
 
 
-@pytest.fixture(scope="session")
-def tagger(tiny_checkpoint) -> Tagger:
-    return Tagger.from_pretrained(tiny_checkpoint, precision="fp32", batch_size=2)
+@pytest.fixture(scope="session", params=BACKENDS)
+def tagger(request, tiny_onnx_checkpoint) -> Tagger:
+    return Tagger.from_pretrained(tiny_onnx_checkpoint, backend=request.param, precision="fp32", batch_size=2)
 
 
 def test_predict_accepts_strings_records_and_papers(tagger):
@@ -66,24 +67,104 @@ def test_bf16_and_fp32_agree_on_tags(tiny_checkpoint):
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
     fp32 = Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
     bf16 = Tagger.from_pretrained(tiny_checkpoint, precision="bf16", recheck_margin=0)
-    assert bf16.dtype == torch.bfloat16 and fp32.dtype is None
+    assert bf16.backend.dtype == torch.bfloat16 and fp32.backend.dtype is None
     a, b = fp32.scores(texts), bf16.scores(texts)
     assert 0 < np.abs(a - b).max() < 0.05
     assert fp32.decide(a) == bf16.decide(b)
 
 
-def test_bf16_rescores_rows_near_a_threshold_in_fp32(tiny_checkpoint):
-    texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
-    fp32 = Tagger.from_pretrained(tiny_checkpoint, precision="fp32").scores(texts)
-    bf16 = Tagger.from_pretrained(tiny_checkpoint, precision="bf16", recheck_margin=0.02)
-    thresholds = dict(zip(bf16.labels, bf16.thresholds.tolist()))
-    raw = Tagger(bf16.model, bf16.tokenizer, thresholds, precision="bf16", recheck_margin=0).scores(texts)
-    everything = Tagger(bf16.model, bf16.tokenizer, thresholds, precision="bf16", recheck_margin=1.0)
-    near = (np.abs(raw - 0.5) < 0.02).any(axis=1)
-    rescored = bf16.scores(texts, threshold=0.5)
-    np.testing.assert_array_equal(rescored[near], fp32[near])
+@pytest.mark.parametrize(("backend", "reduced"), [("torch", "bf16"), ("onnx", "int8")])
+def test_reduced_precision_rescores_rows_near_a_threshold_exactly(tiny_onnx_checkpoint, backend, reduced):
+    texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
+    fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=backend, precision="fp32").scores(texts)
+    tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=backend, precision=reduced)
+    assert tagger.backend.reduced == reduced and tagger.backend.recheck_margin > 0
+    raw = sigmoid(tagger.backend.forward(texts, exact=False))
+    margin = float(np.quantile(np.abs(logit(raw) - logit(0.5)).min(axis=1), 0.5))  # about half the rows
+    tagger.backend.recheck_margin = margin
+    near = (np.abs(logit(raw) - logit(0.5)) < margin).any(axis=1)
+    assert 0 < near.sum() < len(texts)
+    rescored = tagger.scores(texts, threshold=0.5)
+    # The rescored rows are batched (so padded) differently: equal up to float rounding.
+    np.testing.assert_allclose(rescored[near], fp32[near], atol=1e-6)
     np.testing.assert_array_equal(rescored[~near], raw[~near])
-    np.testing.assert_array_equal(everything.scores(texts), fp32)
+    tagger.backend.recheck_margin = 100.0
+    np.testing.assert_allclose(tagger.scores(texts), fp32, atol=1e-6)
+
+
+def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):
+    texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
+    torch_fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="torch", precision="fp32")
+    onnx_fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="fp32")
+    int8 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8", recheck_margin=0)
+    ref = torch_fp32.scores(texts)
+    np.testing.assert_allclose(onnx_fp32.scores(texts), ref, atol=1e-5)
+    assert np.abs(int8.scores(texts) - ref).max() < 0.05
+    assert int8.decide(int8.scores(texts)) == torch_fp32.decide(ref)
+    # The graphs keep no copy of the weights they share with model.safetensors (the word embeddings).
+    assert (tiny_onnx_checkpoint / "model.onnx").stat().st_size < 0.1 * (
+        tiny_onnx_checkpoint / "model.safetensors").stat().st_size
+
+
+def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
+    from abstract_tagger import prediction
+
+    monkeypatch.setattr(prediction, "_gpu_visible", lambda: False)
+    assert choose_backend("auto", tiny_onnx_checkpoint) == "onnx"
+    assert choose_backend("auto", tiny_checkpoint) == "torch"  # no ONNX graphs: torch, as before publishing
+    assert choose_backend("auto", tiny_onnx_checkpoint, device="cuda") == "torch"
+    assert choose_backend("torch", tiny_onnx_checkpoint) == "torch"
+    monkeypatch.setattr(prediction, "_gpu_visible", lambda: True)
+    assert choose_backend("auto", tiny_onnx_checkpoint) == "torch"
+    assert choose_backend("onnx", tiny_onnx_checkpoint) == "onnx"
+    with pytest.raises(CheckpointError, match="no model.onnx"):
+        choose_backend("onnx", tiny_checkpoint)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("tensorrt", tiny_onnx_checkpoint)
+    with pytest.raises(ValueError, match="precision must be one of .* for backend=onnx"):
+        Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="bf16")
+
+
+def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, tmp_path, root):
+    """predict.py and the Tagger API on the ONNX backend: no torch, transformers or sklearn loaded."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "title": SPEECH[0], "abstract": SPEECH[1]}) + "\n")
+    script = f"""
+import runpy, sys
+sys.argv = ["predict.py", "input={tmp_path / 'in.jsonl'}", "output={tmp_path / 'out.jsonl'}",
+            "checkpoint={tiny_onnx_checkpoint}", "progress=false"]
+runpy.run_path({str(root / 'predict.py')!r}, run_name="__main__")
+from abstract_tagger import Tagger
+tags = Tagger.from_pretrained({str(tiny_onnx_checkpoint)!r}).predict([{" ".join(SPEECH)!r}])[0]["tags"]
+print("TAGS", tags, "LOADED", sorted(m for m in ("torch", "transformers", "sklearn", "accelerate") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TAGS ['speech-audio'] LOADED []" in proc.stdout
+    assert json.loads((tmp_path / "out.jsonl").read_text())["tags"] == ["speech-audio"]
+
+
+def _nan_classifier(path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    state["classifier.weight"] = torch.full_like(state["classifier.weight"], float("nan"))
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_nan_classifier, r"non-finite \(NaN/inf\) weights in classifier.weight"),
+    (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:1000]),
+     "cannot load: SafetensorError"),
+    (lambda p: (p / "model.onnx").write_bytes(b"not a graph"), "cannot load model.onnx"),
+], ids=["nan-weights", "half-safetensors", "bad-graph"])
+def test_onnx_backend_refuses_a_broken_checkpoint_naming_it(tiny_onnx_checkpoint, tmp_path, damage, message):
+    """What torch's loading refuses, the ONNX backend refuses too (its graphs read model.safetensors)."""
+    path = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "ckpt")
+    damage(path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        Tagger.from_pretrained(path, backend="onnx", precision="fp32")
+    assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("remove", ["config.json", "tokenizer.json", "thresholds.json", "model.safetensors"])

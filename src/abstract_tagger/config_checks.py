@@ -17,8 +17,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from abstract_tagger.thresholds import POLICIES
-
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -106,6 +104,9 @@ def _validate_data(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     """Raise ConfigError for the first value that cannot work."""
+    # Here, not at the top: predict.py imports this module, and thresholds imports sklearn.
+    from abstract_tagger.thresholds import POLICIES
+
     t = cfg.trainer
     _positive(cfg, "trainer.lr")
     _positive(cfg, "trainer.head_lr", allow_none=True)
@@ -169,16 +170,23 @@ def validate_predict(cfg: DictConfig) -> None:
     """predict.py: every setting, before the model loads and before anything is written."""
     from abstract_tagger.corpus import FORMATS
     from abstract_tagger.predict_io import OutputFiles, parse_shard
-    from abstract_tagger.prediction import PRECISIONS as PREDICT_PRECISIONS
+    from abstract_tagger.prediction import BACKENDS, ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS
 
     for key in ("batch_size", "chunk_size", "max_chars"):
         _positive(cfg, key, integer=True)
     for key in ("top_k", "num_threads"):
         _positive(cfg, key, integer=True, allow_none=True)
     _fraction(cfg, "threshold", allow_none=True)
-    _require(isinstance(cfg.recheck_margin, int | float) and not isinstance(cfg.recheck_margin, bool)
-             and 0 <= cfg.recheck_margin < 1, "recheck_margin", "must be a number in [0, 1)", cfg.recheck_margin)
-    _one_of(cfg, "precision", PREDICT_PRECISIONS)
+    _one_of(cfg, "backend", BACKENDS)
+    precisions = {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS}.get(cfg.backend, PRECISIONS)
+    _one_of(cfg, "precision", precisions)
+    # In logit units: a number for every reduced precision, or {precision: margin}.
+    margin = cfg.recheck_margin
+    margins = OmegaConf.to_container(margin) if isinstance(margin, DictConfig) else {"": margin}
+    _require(all(k in ("", *PRECISIONS) for k in margins) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf for v in margins.values()),
+        "recheck_margin", f"must be a number >= 0 or a mapping {{precision: number >= 0}} of {PRECISIONS[1:]}",
+        OmegaConf.to_container(margin) if isinstance(margin, DictConfig) else margin)
     _one_of(cfg, "on_error", ("raise", "skip"))
     _one_of(cfg, "format", (None, *FORMATS))
     for key in ("resume", "progress"):

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from abstract_tagger.config_checks import validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
-from abstract_tagger.prediction import Tagger
+from abstract_tagger.prediction import Tagger, choose_backend
 
 log = logging.getLogger(__name__)
 _SCORE_DECIMALS = 4
@@ -121,9 +120,7 @@ def _weights_digest(tagger: Tagger) -> str:
     """Fingerprint of what decides the scores (weights, thresholds, rule blend), so a resumed run never
     mixes rows of two models."""
     h = hashlib.sha256()
-    for name, tensor in tagger.model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tagger.backend.fingerprint(h)
     h.update(tagger.thresholds.tobytes())
     if tagger.blend is not None:  # rules.json: its weight and table change the scores too
         h.update(json.dumps(tagger.blend.to_dict(), sort_keys=True).encode())
@@ -303,16 +300,39 @@ def merge_parts(output: str | Path, count: int) -> PredictStats:
     return stats
 
 
+@dataclass
+class _OneProcess:
+    """The process state of a single-process run, where accelerate (and torch) are not loaded."""
+
+    num_processes: int = 1
+    process_index: int = 0
+    is_main_process: bool = True
+    is_local_main_process: bool = True
+
+
+def _launched_processes() -> int:
+    """Processes started together by `accelerate launch` / `torchrun` (they set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def predict_from_config(cfg: Any) -> PredictStats:
     """The `predict.py` job; under `accelerate launch` each process tags every N-th chunk and the main
-    process merges the parts in input order."""
-    from accelerate import PartialState
-
+    process merges the parts in input order (torch backend: the processes meet through torch.distributed)."""
     validate_predict(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    # Without cpu=True, accelerate treats CPU processes started by torchrun or mpirun as one.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    backend = choose_backend(cfg.backend, cfg.checkpoint)
+    if backend == "onnx" and _launched_processes() > 1:
+        if cfg.backend == "onnx":
+            raise ValueError("backend=onnx runs in one process: split the input with shard=I/N across separate "
+                             "runs, or use backend=torch under accelerate launch")
+        backend = "torch"
+    if backend == "torch":
+        import torch
+        from accelerate import PartialState
+
+        # Without cpu=True, accelerate treats CPU processes started by torchrun or mpirun as one.
+        state = PartialState(cpu=not torch.cuda.is_available())
+    else:
+        state = _OneProcess()
     output = Path(cfg.output)
     shard, target = parse_shard(cfg.shard), output
     multi = state.num_processes > 1
@@ -322,10 +342,10 @@ def predict_from_config(cfg: Any) -> PredictStats:
                              "give a file input and no shard=")
         shard, target = (state.process_index, state.num_processes), OutputFiles(output).part(
             state.process_index, state.num_processes).output
-    tagger = Tagger.from_pretrained(cfg.checkpoint, device=state.device, precision=cfg.precision,
-                                    batch_size=cfg.batch_size, recheck_margin=cfg.recheck_margin)
-    log.info("checkpoint %s on %s, %s, shard %d/%d", cfg.checkpoint, tagger.device,
-             tagger.dtype or torch.float32, *shard)
+    tagger = Tagger.from_pretrained(cfg.checkpoint, backend=backend, device=None if backend == "onnx" else state.device,
+                                    precision=cfg.precision, batch_size=cfg.batch_size,
+                                    recheck_margin=cfg.recheck_margin, num_threads=cfg.num_threads)
+    log.info("checkpoint %s: %s, shard %d/%d", cfg.checkpoint, tagger.backend.describe(), *shard)
     stats = predict_file(
         tagger, cfg.input, target, format=cfg.format, fields=cfg.fields, max_chars=cfg.max_chars,
         chunk_size=cfg.chunk_size, shard=shard, resume=cfg.resume, on_error=cfg.on_error, top_k=cfg.top_k,

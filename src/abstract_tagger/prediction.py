@@ -1,29 +1,39 @@
 """Tagging with an exported checkpoint: `Tagger` turns abstracts into per-tag scores and tags.
 
-Speed comes from what the pipeline peer does not do: one fast-tokenizer call per chunk, batches of
-similar length (sorted, then put back in input order) padded to a multiple of 8, inference mode and
-bf16/fp16 autocast where the hardware runs it natively.
+A Tagger is a backend that turns texts into probabilities (n, tags), then one numpy step that applies
+thresholds and top_k. Backends: ONNX Runtime (`onnx_backend`, no torch in the process) and torch
+(`torch_backend`). Speed comes from what the pipeline peer does not do: one fast-tokenizer call per
+chunk, batches of similar length (sorted, then put back in input order) padded to a multiple of 8,
+and reduced precision (bf16 autocast, int8 matmuls) with papers near a threshold rescored exactly.
+
+This module imports neither torch nor transformers: the ONNX path must not pay for them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors import SafetensorError
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from omegaconf import OmegaConf
 
 from abstract_tagger.corpus import Paper, normalize_ws
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("auto", "onnx", "torch")
+# Per backend (torch: autocast dtypes; onnx: the fp32 graph or the int8 one); auto: the backend's best.
+TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ONNX_PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _PAD_MULTIPLE = 8
+# predict.py's config is the one home of the prediction defaults; the Python API reads them from it.
+_PREDICT_CONF = Path(__file__).resolve().parents[2] / "conf/predict.yaml"
+ONNX_FP32 = "model.onnx"
+ONNX_INT8 = "model_quantized.onnx"
 
 
 class CheckpointError(ValueError):
@@ -57,26 +67,58 @@ def check_checkpoint(path: str | Path) -> Path:
 
 
 @cache
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: where bf16 matmuls are ~3x fp32 rather than emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
+def predict_defaults() -> dict[str, Any]:
+    """backend, precision, batch_size, recheck_margin and num_threads as conf/predict.yaml sets them."""
+    conf = OmegaConf.load(_PREDICT_CONF)
+    keys = ("backend", "precision", "batch_size", "recheck_margin", "num_threads")
+    return {k: OmegaConf.to_container(conf[k]) if OmegaConf.is_config(conf[k]) else conf[k] for k in keys}
+
+
+def _gpu_visible() -> bool:
+    """An NVIDIA GPU this process may use, found without importing torch (the ONNX path must not)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return _AUTOCAST_DTYPES[precision]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
+def choose_backend(backend: str, checkpoint: str | Path, device: str | None = None) -> str:
+    """"auto": ONNX Runtime on CPU when the checkpoint has its ONNX graphs, torch on a GPU (or without them)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has_onnx = (Path(checkpoint) / ONNX_FP32).is_file()
+    if backend == "onnx":
+        if not has_onnx:
+            raise CheckpointError(f"{checkpoint}: no {ONNX_FP32}; publish the checkpoint to get its ONNX graphs, "
+                                  "or use backend=torch")
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"backend=onnx runs on the CPU, not on {device}")
+        return "onnx"
+    if backend == "torch":
+        return "torch"
+    on_gpu = str(device).startswith("cuda") if device is not None else _gpu_visible()
+    return "onnx" if has_onnx and not on_gpu else "torch"
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    # exp(-log(1 + e^-x)): no overflow warning for large |x|.
+    return np.exp(-np.logaddexp(0, -logits)).astype(np.float32)
+
+
+def logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def decide(
+    scores: np.ndarray, labels: Sequence[str], cut: np.ndarray | float, top_k: int | None = None
+) -> list[list[str]]:
+    """Tags per row, best first: scores at or over `cut` (one per tag, or one for all), at most `top_k`.
+    The one thresholding step of every backend."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    keep = np.take_along_axis(scores >= cut, order, axis=1)
+    if top_k is not None:
+        keep[:, top_k:] = False
+    return [[labels[j] for j in row[k]] for row, k in zip(order, keep)]
 
 
 def as_paper(item: str | Paper | Mapping[str, Any]) -> Paper:
@@ -105,29 +147,86 @@ def as_text(item: str | Paper | Mapping[str, Any]) -> str:
     return paper.text if paper.title else paper.abstract
 
 
+class Backend:
+    """Texts -> probabilities (n, tags). A subclass tokenizes (`encode`) and runs a batch (`logits`),
+    with `exact=False` in its fast reduced precision (`reduced` names it; None when it has none)."""
+
+    labels: list[str]
+    max_length: int
+    pad_id: int
+    batch_size: int
+    reduced: str | None
+    # Logit units: reduced precision moves a logit by a roughly constant amount wherever it lies, while
+    # the same move in probability shrinks towards 0 and 1 (a probability margin rechecks needlessly
+    # many papers under low thresholds).
+    recheck_margin: float
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, exact: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def fingerprint(self, h: Any) -> None:
+        """Feed what the scores depend on (the weights) into hashlib object `h`."""
+        raise NotImplementedError
+
+    def batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(row indices, input_ids, attention_mask) for `texts`: one tokenizer call, then batches of
+        similar length, longest first so the largest shape (and peak memory) comes in the first step."""
+        ids = self.encode(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            width = min(-(-int(lengths[rows[0]]) // _PAD_MULTIPLE) * _PAD_MULTIPLE, self.max_length)
+            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                input_ids[r, :lengths[i]] = ids[i]
+                mask[r, :lengths[i]] = 1
+            yield rows, input_ids, mask
+
+    def forward(self, texts: Sequence[str], exact: bool) -> np.ndarray:
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        for rows, input_ids, mask in self.batches(texts):
+            out[rows] = self.logits(input_ids, mask, exact)
+        return out
+
+    def probabilities(self, texts: Sequence[str], cut: np.ndarray | float) -> np.ndarray:
+        """Sigmoid probabilities, float32 (len(texts), tags), rows in input order. In reduced precision,
+        rows with a logit within `recheck_margin` of a threshold's logit (`cut`: per tag or one for all)
+        are scored again exactly, so that reduced precision changes speed, not tags."""
+        if not len(texts):
+            return np.empty((0, len(self.labels)), dtype=np.float32)
+        exact = self.reduced is None
+        out = self.forward(texts, exact=exact)
+        if not exact and self.recheck_margin > 0:
+            near = np.flatnonzero((np.abs(out - logit(cut)) < self.recheck_margin).any(axis=1))
+            if len(near):
+                out[near] = self.forward([texts[i] for i in near], exact=True)
+        return sigmoid(out)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+def recheck_margin_for(reduced: str | None, margin: float | Mapping[str, float] | None) -> float:
+    """The margin for this precision: a number, a {precision: margin} mapping, or None for the config's."""
+    if margin is None:
+        margin = predict_defaults()["recheck_margin"]
+    if isinstance(margin, Mapping):
+        return float(margin.get(reduced, 0.0)) if reduced else 0.0
+    return float(margin)
+
+
 class Tagger:
     """An exported checkpoint ready to tag: `Tagger.from_pretrained(dir).predict(texts)`."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        thresholds: Mapping[str, float],
-        *,
-        precision: str = "auto",
-        batch_size: int = 64,
-        recheck_margin: float = 0.02,
-        blend: RuleBlend | None = None,
-    ):
-        self.model = model.eval()
+    def __init__(self, backend: Backend, thresholds: Mapping[str, float], blend: RuleBlend | None = None):
+        self.backend = backend
         self.blend = blend
-        self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.dtype = autocast_dtype(precision, self.device)
-        self.batch_size = batch_size
-        self.recheck_margin = recheck_margin
-        config = model.config
-        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.labels = list(backend.labels)
         missing = sorted(set(self.labels) - set(thresholds))
         if missing:
             raise CheckpointError(f"thresholds.json has no threshold for {missing}")
@@ -137,114 +236,56 @@ class Tagger:
         if bad:
             raise CheckpointError(f"thresholds.json: thresholds must be numbers in [0, 1], got {bad}")
         self.thresholds = np.array([thresholds[t] for t in self.labels], dtype=np.float32)
-        # A tokenizer saved without a length limit reports a huge sentinel; the position table is the real cap.
-        self.max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device | None = None, precision: str = "auto",
-        batch_size: int = 64, recheck_margin: float = 0.02,
+        cls, path: str | Path, *, backend: str | None = None, device: str | None = None,
+        precision: str | None = None, batch_size: int | None = None,
+        recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
     ) -> Tagger:
+        """Options left None take conf/predict.yaml's values (see there for what each means)."""
         path = check_checkpoint(path)
+        defaults = predict_defaults()
+        chosen = choose_backend(backend or defaults["backend"], path, device)
+        options = {"precision": precision or defaults["precision"], "batch_size": batch_size or defaults["batch_size"],
+                   "recheck_margin": recheck_margin, "num_threads": num_threads or defaults["num_threads"]}
+        if chosen == "onnx":
+            from abstract_tagger.onnx_backend import OnnxBackend
+
+            model = OnnxBackend.load(path, **options)
+        else:
+            from abstract_tagger.torch_backend import TorchBackend
+
+            model = TorchBackend.load(path, device=device, **options)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            # Weights may be stored in fp16 (the published checkpoint); compute runs in fp32 plus autocast.
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32, output_loading_info=True
-            )
             thresholds = json.loads((path / "thresholds.json").read_text())
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            # A truncated file or weights that do not fit config.json: name the checkpoint, not the internals.
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-        # transformers fills weights missing from the file (say, the classifier) with random ones.
-        missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
-        if missing:
-            raise CheckpointError(f"{path}: model.safetensors lacks {', '.join(missing)}; they would be random")
-        diverged = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if diverged:
-            raise CheckpointError(f"{path}: non-finite (NaN/inf) weights in {', '.join(diverged[:3])}: "
-                                  "the training run that exported it diverged")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         try:
-            blend = RuleBlend.load(path, labels)
+            blend = RuleBlend.load(path, model.labels)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: bad {RULES_FILE}: {e}") from None
-        return cls(model.to(device), tokenizer, thresholds, precision=precision, batch_size=batch_size,
-                   recheck_margin=recheck_margin, blend=blend)
-
-    def batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-        """(row indices, model inputs) for `texts`: one fast-tokenizer call, then batches of similar
-        length, longest first so the largest shape (and peak memory) comes in the first step."""
-        ids = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
-        pad_id = self.tokenizer.pad_token_id
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            width = min(-(-int(lengths[rows[0]]) // _PAD_MULTIPLE) * _PAD_MULTIPLE, self.max_length)
-            input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for r, i in enumerate(rows):
-                input_ids[r, :lengths[i]] = ids[i]
-                mask[r, :lengths[i]] = 1
-            yield rows, {
-                "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
-                "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
-            }
-
-    def autocast(self, enabled: bool = True) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                              enabled=enabled and self.dtype is not None)
-
-    def _forward(self, texts: Sequence[str], autocast: bool) -> np.ndarray:
-        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        with torch.inference_mode(), self.autocast(autocast):
-            for rows, inputs in self.batches(texts):
-                out[rows] = torch.sigmoid(self.model(**inputs).logits.float()).cpu().numpy()
-        return out
+        return cls(model, thresholds, blend=blend)
 
     def scores(self, items: Sequence[str | Paper | Mapping[str, Any]], *,
                threshold: float | None = None) -> np.ndarray:
         """Probabilities, float32 [len(items), len(labels)], rows in input order: the model's sigmoid
-        scores, blended with the rule functions where the checkpoint has a `rules.json`.
-
-        Under bf16/fp16 autocast, rows with a score within `recheck_margin` of its threshold (the
-        per-tag ones, or `threshold`) are scored again in fp32: reduced precision moves scores by
-        ~0.01, so only those decisions can differ from fp32.
-        """
+        scores, blended with the rule functions where the checkpoint has a `rules.json`; exact (fp32)
+        near the per-tag thresholds, or near `threshold` where one is given for all tags."""
         if not len(items):
             return np.empty((0, len(self.labels)), dtype=np.float32)
-        papers = [as_paper(item) for item in items]
         texts = [as_text(item) for item in items]
-        rules = self.blend.rule_probs(papers) if self.blend is not None else None
-
-        def combine(model_probs: np.ndarray, rows: Any = slice(None)) -> np.ndarray:
-            return model_probs if rules is None else self.blend.mix(model_probs, rules[rows])
-
-        out = combine(self._forward(texts, autocast=True))
-        if self.dtype is not None and self.recheck_margin > 0:
-            cut = self.thresholds if threshold is None else np.float32(threshold)
-            near = np.flatnonzero((np.abs(out - cut) < self.recheck_margin).any(axis=1))
-            if len(near):
-                out[near] = combine(self._forward([texts[i] for i in near], autocast=False), near)
-        return out
+        out = self.backend.probabilities(texts, self.thresholds if threshold is None else np.float32(threshold))
+        if self.blend is None:
+            return out
+        return self.blend.mix(out, self.blend.rule_probs([as_paper(item) for item in items]))
 
     def decide(
         self, scores: np.ndarray, *, top_k: int | None = None, threshold: float | None = None
     ) -> list[list[str]]:
         """Tags per row, best first: scores at or over the per-tag threshold (or one `threshold` for all
         tags), at most `top_k` of them."""
-        cut = self.thresholds if threshold is None else np.float32(threshold)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        keep = np.take_along_axis(scores >= cut, order, axis=1)
-        if top_k is not None:
-            keep[:, top_k:] = False
-        labels = self.labels
-        return [[labels[j] for j in row[k]] for row, k in zip(order, keep)]
+        return decide(scores, self.labels, self.thresholds if threshold is None else np.float32(threshold), top_k)
 
     def predict(
         self, items: Iterable[str | Paper | Mapping[str, Any]], *, top_k: int | None = None,
