@@ -5,17 +5,25 @@ import shutil
 import socket
 
 import numpy as np
+import onnx
 import pytest
+import yaml
+from onnx import numpy_helper
 from safetensors import safe_open
 from helpers import TRAIN
 
 from abstract_tagger import Tagger
+from abstract_tagger.onnx_export import export_onnx
 from abstract_tagger.publish import main
+
+
+HEADER = {"license": "apache-2.0", "base_model": "org/backbone", "model-index": [{"name": "abstract-tagger", "results": []}]}
 
 
 @pytest.fixture
 def run_dir(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, tmp_path / "run/checkpoint")
+    (tmp_path / "run/checkpoint/README.md").write_text(f"---\n{yaml.safe_dump(HEADER, sort_keys=False)}---\n\n# tiny card\n")
     return tmp_path / "run"
 
 
@@ -31,13 +39,50 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} >= {"torch.float16"}
     assert json.loads((dest / "config.json").read_text())["dtype"] == "float32"
     assert (dest / "model.safetensors").stat().st_size < 0.6 * (run_dir / "checkpoint/model.safetensors").stat().st_size
-    assert "changed tag decisions 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "changed tag decisions 0" in out
+    assert "ONNX fp32: same tag set as torch fp32 on 100.0% of 197 dev papers" in out  # 87 seed + 110 recent
+
+    # The ONNX graphs read the fp16 weights from model.safetensors: the int8 weights are all they add.
+    assert {"model.onnx", "model_quantized.onnx"} <= {p.name for p in dest.iterdir()}
+    assert (dest / "model.onnx").stat().st_size + (dest / "model_quantized.onnx").stat().st_size < 0.5 * (
+        dest / "model.safetensors").stat().st_size
+    # The card training wrote keeps its Hub header; publishing adds the ONNX agreement.
+    card = (dest / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1]) == HEADER
+    assert "# tiny card" in card and "| fp32 | 100.0% |" in card
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
     before = Tagger.from_pretrained(run_dir / "checkpoint", precision="fp32")
-    after = Tagger.from_pretrained(dest, precision="fp32")
-    np.testing.assert_allclose(before.scores(texts), after.scores(texts), atol=5e-3)
-    assert after.predict(texts) and [r["tags"] for r in after.predict(texts)] == [[tag] for _, tag in TRAIN]
+    for backend in ("torch", "onnx"):
+        after = Tagger.from_pretrained(dest, backend=backend, precision="fp32")
+        np.testing.assert_allclose(before.scores(texts), after.scores(texts), atol=5e-3)
+        assert [r["tags"] for r in after.predict(texts)] == [[tag] for _, tag in TRAIN]
+
+
+def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, monkeypatch):
+    from abstract_tagger import publish
+
+    def export_a_bad_fp32_graph(checkpoint):
+        written = export_onnx(checkpoint)
+        graph = onnx.load(written["model.onnx"], load_external_data=False)
+        bias = next(t for t in graph.graph.initializer if "classifier.bias" in t.name)
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 3.0, bias.name))  # every logit +3
+        onnx.save(graph, written["model.onnx"])
+        return written
+
+    monkeypatch.setattr(publish, "export_onnx", export_a_bad_fp32_graph)
+    with pytest.raises(SystemExit, match=r"^error: ONNX graph\(s\) \['fp32'.*\] disagree with torch fp32"):
+        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}"])
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("bad, key", [("max_disagreement=2", "max_disagreement"),
+                                      ("dev_sets.recent.papers=data/no_such.jsonl", "dev_sets.recent.papers")])
+def test_bad_agreement_settings_fail_before_any_work(run_dir, tmp_path, bad, key):
+    with pytest.raises(SystemExit, match=f"^error: {key}="):
+        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}", bad])
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_publish_refuses_a_checkpoint_over_the_size_limit(run_dir, tmp_path):
@@ -64,7 +109,8 @@ def test_push_dry_run_lists_files_and_touches_no_network(run_dir, tmp_path, monk
           "dry_run=true"])
     out = capsys.readouterr().out
     assert "dry run: would upload" in out and "https://huggingface.co/me/tagger" in out
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "thresholds.json", "taxonomy.yaml"):
+    for name in ("model.safetensors", "model.onnx", "model_quantized.onnx", "config.json", "tokenizer.json",
+                 "thresholds.json", "taxonomy.yaml"):
         assert f"  {name}  " in out
 
 

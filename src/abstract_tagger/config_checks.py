@@ -219,6 +219,15 @@ def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
     _require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
     _positive(cfg, "max_mb")
     _fraction(cfg, "max_score_diff")
+    _fraction(cfg, "max_disagreement")
+    root = Path(__file__).resolve().parents[2]
+    _require(isinstance(cfg.dev_sets, DictConfig) and len(cfg.dev_sets) > 0, "dev_sets",
+             "must map a name to {gold: FILE, papers: FILE, format: FORMAT}", cfg.dev_sets)
+    for name, spec in cfg.dev_sets.items():
+        for key in ("gold", "papers"):
+            value = OmegaConf.select(spec, key) if isinstance(spec, DictConfig) else None
+            _require(isinstance(value, str) and (root / value).is_file(), f"dev_sets.{name}.{key}",
+                     "file not found (paths are relative to the repo root)", value)
     for key in ("push_to_hub", "private", "dry_run"):
         _one_of(cfg, key, (True, False))
     if cfg.push_to_hub:

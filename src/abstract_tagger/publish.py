@@ -4,10 +4,13 @@
         [push_to_hub=true repo_id=USER/abstract-tagger-minilm private=false dry_run=true]
 
 Copies RUN_DIR/checkpoint with the weights cast to fp16 safetensors (half the size; scores move by
-less than `max_score_diff`, which is checked on the taxonomy's tag descriptions), refuses anything
-over `max_mb`, then swaps the finished directory into `out_dir/name` by rename, so readers never see
-a half-written checkpoint. `push_to_hub=true` uploads it with huggingface_hub; `dry_run=true` does
-the re-export and its checks in a temporary directory, leaving `out_dir/name` as it is, and only
+less than `max_score_diff`, which is checked on the taxonomy's tag descriptions), adds its ONNX graphs
+(fp32 and int8, see `onnx_export`), refuses a graph whose tags differ from torch fp32's on more than
+`max_disagreement` of the dev papers and anything over `max_mb`, adds that agreement to the model
+card (whose Hub header training wrote), then swaps the finished directory into `out_dir/name` by
+rename, so readers never see a half-written checkpoint. Options and defaults: conf/publish.yaml.
+`push_to_hub=true` uploads it with huggingface_hub; `dry_run=true` does the re-export and its checks
+in a temporary directory, leaving `out_dir/name` as it is, and only
 lists what would be uploaded.
 """
 
@@ -19,30 +22,25 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from abstract_tagger.config_checks import exit_on_error, validate_publish
+from abstract_tagger.corpus import Paper, read_gold, read_source
+from abstract_tagger.onnx_export import export_onnx
 from abstract_tagger.prediction import Tagger, check_checkpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "name": "abstract-tagger-minilm",
-    "out_dir": "checkpoints",
-    "max_mb": 50,
-    "max_score_diff": 0.01,
-    "push_to_hub": False,
-    "repo_id": None,
-    "private": False,
-    "dry_run": False,
-}
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/publish.yaml"))
 _WEIGHTS = "model.safetensors"
 
 
@@ -56,21 +54,25 @@ def parse_args(argv: Sequence[str]) -> tuple[Path, dict[str, Any]]:
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"unknown option(s) {unknown}; known: {', '.join(DEFAULTS)}")
-    return Path(positional[0]), {**DEFAULTS, **overrides}
+    # Merged key by key: dev_sets.recent.papers=FILE replaces that one path, not the whole of dev_sets.
+    return Path(positional[0]), OmegaConf.to_container(OmegaConf.merge(DEFAULTS, overrides))
 
 
 def write_fp16(src: Path, dst: Path) -> None:
     """fp16 weights with config dtype float32: plain `from_pretrained` upcasts them on load, since fp16
-    matmuls on CPU are slow or unsupported."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(_WEIGHTS, "*.bin", "*.pt", "*.pth"))
+    matmuls on CPU are slow or unsupported. ONNX graphs are not copied: they point into the weights file."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(_WEIGHTS, "*.bin", "*.pt", "*.pth", "*.onnx"))
     state = load_file(src / _WEIGHTS)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dst / _WEIGHTS,
               metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())
     config["dtype"] = "float32"
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _readable(folder: Path) -> None:
     # Published files are for everyone to read; the run's directory may be a private 0700 temp dir.
-    for path in (dst, *dst.iterdir()):
+    for path in (folder, *folder.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
@@ -78,7 +80,7 @@ def score_drift(original: Path, published: Path) -> tuple[float, int]:
     """(largest score change, number of changed tag decisions) on the tag descriptions, both in fp32."""
     taxonomy = yaml.safe_load((original / "taxonomy.yaml").read_text())
     texts = [f"{t['name']}. {t['description']}" for t in taxonomy["tags"].values()]
-    before, after = (Tagger.from_pretrained(p, precision="fp32") for p in (original, published))
+    before, after = (Tagger.from_pretrained(p, backend="torch", precision="fp32") for p in (original, published))
     a, b = before.scores(texts), after.scores(texts)
     changed = sum(x != y for x, y in zip(before.decide(a), after.decide(b)))
     return float(abs(a - b).max()), changed
@@ -88,7 +90,57 @@ def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max_score_diff: float) -> Path:
+def dev_texts(dev_sets: Mapping[str, Mapping[str, Any]], tag_ids: Sequence[str]) -> list[str]:
+    """The texts of every dev gold set's papers, found by id in its corpus file and checked by title."""
+    texts = []
+    for spec in dev_sets.values():
+        gold = read_gold(ROOT / spec["gold"], tag_ids)
+        papers = [p for p in read_source(ROOT / spec["papers"], spec.get("format")) if isinstance(p, Paper)]
+        texts += [papers[i].text for i in gold.rows(papers)]
+    return texts
+
+
+def onnx_agreement(checkpoint: Path, texts: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per ONNX graph, against torch fp32 on `texts`: the share of papers with the same tag set and
+    the largest score change, alone and as predict runs it (int8: near-threshold papers rescored)."""
+    reference = Tagger.from_pretrained(checkpoint, backend="torch", precision="fp32")
+    ref = reference.scores(texts)
+    expected = [set(t) for t in reference.decide(ref)]
+    runs = {"fp32": ("fp32", None), "int8": ("int8", 0.0), "int8 + fp32 recheck": ("int8", None)}
+    report = {}
+    for label, (precision, margin) in runs.items():
+        tagger = Tagger.from_pretrained(checkpoint, backend="onnx", precision=precision, recheck_margin=margin)
+        scores = tagger.scores(texts)
+        same = np.mean([set(t) == e for t, e in zip(tagger.decide(scores), expected)])
+        report[label] = {"same_tags": float(same), "max_score_diff": float(np.abs(scores - ref).max())}
+    return report
+
+
+def onnx_card(card: str, *, agreement: Mapping[str, Mapping], n_dev: int, max_disagreement: float) -> str:
+    """The model card with its ONNX section (replaced if there is one); its header, which training
+    wrote (license, base_model, model-index), is kept as it is."""
+    table = "\n".join(f"| {label} | {a['same_tags']:.1%} | {a['max_score_diff']:.2g} |"
+                      for label, a in agreement.items())
+    return card.split("\n## ONNX Runtime\n")[0].rstrip("\n") + f"""
+
+## ONNX Runtime
+
+`model.onnx` (fp32, fused by ONNX Runtime's transformer optimizer, exact GELU) and
+`model_quantized.onnx` (MatMuls int8, dynamic, per channel; embeddings, pooler and classifier fp32)
+read their shared weights from `model.safetensors`, so keep the files together. `abstract_tagger`'s
+`Tagger` and `predict.py` use them on CPU without torch (`backend=auto|onnx|torch`); under int8,
+papers with a logit near a threshold are rescored with the fp32 graph. Against torch fp32 on the
+{n_dev} gold-dev papers, each as `predict.py` runs it (with the rule blend where there is one; a
+graph over {max_disagreement:.1%} disagreement is not published):
+
+| graph | same tag set as torch fp32 | largest score change |
+|---|---|---|
+{table}
+"""
+
+
+def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max_score_diff: float,
+            max_disagreement: float, dev_sets: Mapping[str, Mapping[str, Any]]) -> Path:
     src = check_checkpoint(run_dir / "checkpoint")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,13 +148,29 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_fp16(src, tmp)
-        size = folder_mb(tmp)
-        if size > max_mb:
-            raise ValueError(f"{src}: the fp16 checkpoint is {size:.1f} MB, over max_mb={max_mb}")
         drift, changed = score_drift(src, tmp)
         print(f"fp16 check: largest score change {drift:.2e}, changed tag decisions {changed}")
         if drift > max_score_diff:
             raise ValueError(f"fp16 weights move scores by {drift:.3g}, over max_score_diff={max_score_diff}")
+        export_onnx(tmp)
+        size = folder_mb(tmp)
+        if size > max_mb:
+            raise ValueError(f"{src}: the fp16 checkpoint with its ONNX graphs is {size:.1f} MB, over max_mb={max_mb}")
+        tag_ids = list(json.loads((tmp / "thresholds.json").read_text()))
+        texts = dev_texts(dev_sets, tag_ids)
+        agreement = onnx_agreement(tmp, texts)
+        for label, a in agreement.items():
+            print(f"ONNX {label}: same tag set as torch fp32 on {a['same_tags']:.1%} of {len(texts)} dev papers, "
+                  f"largest score change {a['max_score_diff']:.2g}")
+        used = {k: v for k, v in agreement.items() if k != "int8"}  # int8 alone is never how predict runs it
+        bad = [k for k, a in used.items() if 1 - a["same_tags"] > max_disagreement]
+        if bad:
+            raise ValueError(f"ONNX graph(s) {bad} disagree with torch fp32 on more than "
+                             f"max_disagreement={max_disagreement} of the dev papers")
+        card = (tmp / "README.md").read_text() if (tmp / "README.md").is_file() else ""
+        (tmp / "README.md").write_text(onnx_card(card, agreement=agreement, n_dev=len(texts),
+                                                 max_disagreement=max_disagreement))
+        _readable(tmp)
         if dest.exists():
             os.replace(dest, old)
         os.replace(tmp, dest)
@@ -136,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         validate_publish(run_dir, opts)
         dry_run = opts["dry_run"]
         with tempfile.TemporaryDirectory() if dry_run else nullcontext(opts["out_dir"]) as out_dir:
-            dest = publish(run_dir, name=opts["name"], out_dir=out_dir, max_mb=opts["max_mb"],
-                           max_score_diff=opts["max_score_diff"])
+            dest = publish(run_dir, out_dir=out_dir, **{k: opts[k] for k in (
+                "name", "max_mb", "max_score_diff", "max_disagreement", "dev_sets")})
             if dry_run:
                 print(f"dry run: {Path(opts['out_dir']) / opts['name']} left as it is")
             if opts["push_to_hub"]:
