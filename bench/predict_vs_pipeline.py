@@ -1,8 +1,10 @@
 """predict (Tagger / predict.py) against `transformers.pipeline` on the same checkpoint and machine.
 
-    python bench/predict_vs_pipeline.py [--checkpoint DIR] [--rss-checkpoint DIR] [--quick]
+    python bench/predict_vs_pipeline.py [--checkpoint DIR] [--rss-checkpoint DIR] [--backend auto|onnx|torch] [--quick]
 
 Measures, in one run so that ratios are comparable on a shared machine:
+  - time to the first tag: import + load + one abstract, with the Tagger API and with predict.py,
+    each in a fresh process (best and median of 3);
   - steady-state abstracts/s (model loaded and warmed up) of Tagger.scores vs the pipeline in fp32 at
     batch 32, on the 215 seed abstracts and on 5,000 abstracts (the default corpus repeated);
   - whole-process abstracts/s: `python predict.py` vs a pipeline script, both from a cold start;
@@ -81,15 +83,13 @@ def timed(fn, *args):
 def overhead_vs_bare(tagger, texts: list[str], repeats: int = 3) -> float:
     """Tagger.scores (tokenizing, batching, restoring order) over the model alone on exactly the
     batches it builds; best of `repeats` each, interleaved, since the machine is shared."""
-    import torch
-
-    batches = list(tagger.batches(texts))
+    backend = tagger.backend
+    batches = list(backend.batches(texts))
     bare, full = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        with torch.inference_mode(), tagger.autocast():
-            for _, inputs in batches:
-                torch.sigmoid(tagger.model(**inputs).logits.float()).cpu().numpy()
+        for _, input_ids, mask in batches:
+            backend.logits(input_ids, mask, exact=backend.reduced is None)
         bare.append(time.perf_counter() - start)
         full.append(timed(tagger.scores, texts)[1])
     return min(full) / min(bare) - 1
@@ -99,16 +99,16 @@ def same_tags(a: list[list[str]], b: list[list[str]]) -> float:
     return float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
 
 
-def steady_state(checkpoint: Path, sets: dict[str, list[dict]]) -> dict:
+def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) -> dict:
     from abstract_tagger import Tagger
-    from abstract_tagger.prediction import as_text
+    from abstract_tagger.prediction import as_text, logit
 
-    tagger = Tagger.from_pretrained(checkpoint)
-    thresholds = dict(zip(tagger.labels, tagger.thresholds.tolist()))
-    no_recheck = Tagger(tagger.model, tagger.tokenizer, thresholds, recheck_margin=0)
+    tagger = Tagger.from_pretrained(checkpoint, backend=backend)
+    no_recheck = Tagger.from_pretrained(checkpoint, backend=backend, recheck_margin=0)
     pipe = make_pipeline(checkpoint)
-    results = {"precision": str(tagger.dtype or "fp32"), "batch_size": tagger.batch_size,
-               "max_length": tagger.max_length, "recheck_margin": tagger.recheck_margin}
+    model = tagger.backend
+    results = {"backend": model.describe(), "batch_size": model.batch_size, "max_length": model.max_length,
+               "recheck_margin": model.recheck_margin}
     warm = [as_text(r) for r in sets["seed"][:PIPELINE_BATCH]]
     tagger.scores(warm), pipeline_scores(pipe, warm, tagger.labels)
     for name, records in sets.items():
@@ -133,7 +133,8 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]]) -> dict:
             "speedup": t_pipe / t_pred,
             "same_tags": same_tags(tagger.decide(scores), ref_tags),
             "max_score_diff": float(np.abs(scores - ref).max()),
-            "rechecked": float((np.abs(raw - tagger.thresholds) < tagger.recheck_margin).any(axis=1).mean()),
+            "rechecked": float((np.abs(logit(raw) - logit(tagger.thresholds)) < model.recheck_margin)
+                               .any(axis=1).mean()),
             "same_tags_without_recheck": same_tags(no_recheck.decide(raw), ref_tags),
             "max_score_diff_without_recheck": float(np.abs(raw - ref).max()),
             "overhead_vs_bare": overhead_vs_bare(no_recheck, texts[:1000]),
@@ -156,16 +157,30 @@ def run_child(args: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def predict_cli(checkpoint: Path, input: Path) -> list[str]:
+def predict_cli(checkpoint: Path, input: Path, backend: str) -> list[str]:
     return [sys.executable, str(ROOT / "predict.py"), f"input={input}", f"output={input.with_suffix('.tags.jsonl')}",
-            f"checkpoint={checkpoint}", "progress=false"]
+            f"checkpoint={checkpoint}", f"backend={backend}", "progress=false"]
 
 
-def whole_process(checkpoint: Path, files: dict[str, Path]) -> dict:
+def first_tag(checkpoint: Path, record: dict, backend: str, repeats: int = 3) -> dict:
+    """Seconds from a fresh process to one abstract's tags: the Tagger API, and predict.py on a 1-line file."""
+    api = [sys.executable, "-c", "import sys; from abstract_tagger import Tagger; "
+           f"print(Tagger.from_pretrained(sys.argv[1], backend={backend!r}).predict([sys.argv[2]])[0]['tags'])",
+           str(checkpoint), f"{record['title']}. {record['abstract']}"]
+    cli = predict_cli(checkpoint, write_jsonl(OUT / "one.jsonl", [record]), backend)
+    results = {}
+    for name, args in (("api", api), ("predict.py", cli)):
+        walls = sorted(run_child(args)[0] for _ in range(repeats))
+        results[name] = {"best_s": walls[0], "median_s": walls[len(walls) // 2], "peak_rss_mb": run_child(args)[1]}
+        print("first tag", name, json.dumps(results[name]), flush=True)
+    return results
+
+
+def whole_process(checkpoint: Path, files: dict[str, Path], backend: str) -> dict:
     results = {}
     for name, path in files.items():
         n = sum(1 for _ in open(path))
-        t_pred, _ = run_child(predict_cli(checkpoint, path))
+        t_pred, _ = run_child(predict_cli(checkpoint, path, backend))
         t_pipe, _ = run_child([sys.executable, __file__, "--pipeline-worker", str(path),
                                "--checkpoint", str(checkpoint)])
         results[name] = {"n": n, "predict_per_s": n / t_pred, "pipeline_per_s": n / t_pipe, "speedup": t_pipe / t_pred}
@@ -188,10 +203,10 @@ def pipeline_worker(path: Path, checkpoint: Path) -> None:
             f.write(json.dumps({"id": r["id"], "tags": [t for t, s, c in zip(labels, row, cut) if s >= c]}) + "\n")
 
 
-def peak_rss(checkpoint: Path, files: dict[str, Path]) -> dict:
+def peak_rss(checkpoint: Path, files: dict[str, Path], backend: str) -> dict:
     results = {}
     for name, path in files.items():
-        wall, rss = run_child(predict_cli(checkpoint, path))
+        wall, rss = run_child(predict_cli(checkpoint, path, backend))
         n = sum(1 for _ in open(path))
         results[name] = {"n": n, "peak_rss_mb": rss, "per_s": n / wall}
         print(name, "peak RSS", json.dumps(results[name]), flush=True)
@@ -203,6 +218,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/abstract-tagger-minilm")
     parser.add_argument("--rss-checkpoint", type=Path, default=None,
                         help="checkpoint for the peak-RSS runs (default: --checkpoint)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--pipeline-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,9 +238,10 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_start": os.getloadavg(),
-        "steady_state": steady_state(args.checkpoint, sets),
-        "whole_process": whole_process(args.checkpoint, files),
-        "peak_rss": peak_rss(args.rss_checkpoint or args.checkpoint, rss_files),
+        "first_tag": first_tag(args.checkpoint, seed[0], args.backend),
+        "steady_state": steady_state(args.checkpoint, sets, args.backend),
+        "whole_process": whole_process(args.checkpoint, files, args.backend),
+        "peak_rss": peak_rss(args.rss_checkpoint or args.checkpoint, rss_files, args.backend),
         "load_average_end": os.getloadavg(),
     }
     rss = report["peak_rss"]
@@ -240,6 +257,10 @@ def main() -> None:
               f"{s['speedup']:.2f}x | {s['same_tags']:.2%} | {s['rechecked']:.1%} | {s['overhead_vs_bare']:+.1%} |")
         print(f"| {w['n']} abstracts, whole process | {w['pipeline_per_s']:.1f} | {w['predict_per_s']:.1f} | "
               f"{w['speedup']:.2f}x | | | |")
+    print("\nfirst tag from a fresh process: " + ", ".join(
+        f"{k} {v['best_s']:.2f} s (median {v['median_s']:.2f} s, {v['peak_rss_mb']:.0f} MB)"
+        for k, v in report["first_tag"].items()))
+    print(f"backend: {report['steady_state']['backend']}")
     print("\npeak RSS: " + ", ".join(f"{v['n']:,} abstracts {v['peak_rss_mb']:.0f} MB" for v in rss.values())
           + f" (ratio {report['rss_ratio']:.2f})")
 

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from helpers import fit, make_cfg, weights
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from abstract_tagger import pipeline, training
+from abstract_tagger import Tagger, pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint, load_thresholds
 from abstract_tagger.config_checks import ConfigError, validate
 from abstract_tagger.corpus import read_seed_dump
@@ -42,6 +42,9 @@ def test_loss_falls_and_export_loads(root, papers, taxonomy, tmp_path):
     assert next(model.parameters()).dtype == torch.float16
     assert AutoTokenizer.from_pretrained(out).model_max_length == 64
     assert load_thresholds(out) == thresholds
+    texts = ["Speech recognition for children.", "Policy optimization with rewards in Markov decision processes."]
+    on_torch, on_onnx = (Tagger.from_pretrained(out, backend=b, precision="fp32") for b in ("torch", "onnx"))
+    np.testing.assert_allclose(on_onnx.scores(texts), on_torch.scores(texts), atol=1e-5)
     # Atomic overwrite: a second export replaces the first and leaves no temp dirs behind.
     export_checkpoint(result.backbone.model, result.backbone.tokenizer, out, thresholds=thresholds,
                       taxonomy=taxonomy, max_length=64, card="")

@@ -15,6 +15,7 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from abstract_tagger.onnx_export import export_onnx
 from abstract_tagger.rule_blend import RuleBlend
 from abstract_tagger.taxonomy import Taxonomy
 
@@ -37,8 +38,8 @@ def export_checkpoint(
     card: str = "",
     blend: RuleBlend | None = None,
 ) -> Path:
-    """Write the checkpoint to a temporary sibling directory, then rename it over `out_dir`.
-    The model is cast to `dtype` in place."""
+    """Write the checkpoint (with its ONNX graphs) to a temporary sibling directory, then rename it over
+    `out_dir`. The model is cast to `dtype` in place."""
     out_dir = Path(out_dir)
     if list(thresholds) != taxonomy.ids:
         raise ValueError(f"thresholds must cover the taxonomy tags in order; got {list(thresholds)}")
@@ -51,6 +52,7 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.to(getattr(torch, dtype)).save_pretrained(tmp)
+        export_onnx(tmp)
         # pipeline() and predict truncate where training did.
         tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(tmp)

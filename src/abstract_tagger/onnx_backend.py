@@ -74,6 +74,11 @@ class OnnxBackend(Backend):
         self.tokenizer.enable_truncation(self.max_length)
         self.pad_id = _token_id(self.tokenizer, tokenizer_config.get("pad_token"))
         self.fast = self._session(ONNX_INT8) if self.reduced else self.exact
+        # The CPU arena keeps its largest size per session and fragments across batch shapes (1.8 GB
+        # peak RSS on 1,000 abstracts with both graphs); shrinking it after each batch keeps the peak
+        # at one batch's activations.
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _session(self, name: str) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -95,7 +100,7 @@ class OnnxBackend(Backend):
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, exact: bool) -> np.ndarray:
         session = self.exact if exact else self.fast
-        return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask}, self.run_options)[0]
 
     def fingerprint(self, h) -> None:
         """The weights file and the graphs that read it."""
