@@ -16,7 +16,7 @@ from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_seed_dump
 from abstract_tagger.labeling.label_model import MajorityVote
 from abstract_tagger.prediction import CheckpointError
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns
-from helpers import SPEECH, TRAIN
+from helpers import BACKENDS, SPEECH, TRAIN
 
 
 def make_cfg(root, *overrides):
@@ -96,17 +96,18 @@ def test_rule_table_covers_every_vote_pattern(taxonomy):
 
 
 @pytest.fixture
-def blended_checkpoint(tiny_checkpoint, taxonomy, tmp_path):
-    path = shutil.copytree(tiny_checkpoint, tmp_path / "blended")
+def blended_checkpoint(tiny_onnx_checkpoint, taxonomy, tmp_path):
+    path = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "blended")
     RuleBlend.fit(taxonomy, 2, [Paper("x", "x", "x")], MajorityVote(), weight=0.4).save(path)
     return path
 
 
-def test_blend_round_trips_through_the_checkpoint_tagger_and_predict_py(blended_checkpoint, tiny_checkpoint,
-                                                                        taxonomy, tmp_path, root):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blend_round_trips_through_the_checkpoint_tagger_and_predict_py(blended_checkpoint, tiny_onnx_checkpoint,
+                                                                        taxonomy, tmp_path, root, backend):
     records = [{"id": f"r{i}", "title": t, "abstract": a} for i, ((t, a), _) in enumerate(TRAIN)]
-    alone = Tagger.from_pretrained(tiny_checkpoint, precision="fp32")
-    blended = Tagger.from_pretrained(blended_checkpoint, precision="fp32")
+    alone = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=backend, precision="fp32")
+    blended = Tagger.from_pretrained(blended_checkpoint, backend=backend, precision="fp32")
     assert alone.blend is None and blended.blend.weight == 0.4
     rules = blended.blend.rule_probs([Paper(r["id"], r["title"], r["abstract"]) for r in records])
     np.testing.assert_allclose(blended.scores(records), 0.6 * alone.scores(records) + 0.4 * rules, atol=1e-6)
@@ -116,7 +117,8 @@ def test_blend_round_trips_through_the_checkpoint_tagger_and_predict_py(blended_
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, str(root / "predict.py"), f"input={src}", f"output={out}",
-                           f"checkpoint={blended_checkpoint}", "precision=fp32", "progress=false"],
+                           f"checkpoint={blended_checkpoint}", f"backend={backend}", "precision=fp32",
+                           "progress=false"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]

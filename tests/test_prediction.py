@@ -92,6 +92,26 @@ def test_reduced_precision_rescores_rows_near_a_threshold_exactly(tiny_onnx_chec
     np.testing.assert_allclose(tagger.scores(texts), fp32, atol=1e-6)
 
 
+def test_recheck_looks_at_the_post_processed_probabilities(tiny_onnx_checkpoint):
+    """A post-processing step (e.g. a blend with rule scores) moves scores; the rows rescored exactly
+    are those whose final score is near a threshold."""
+    texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
+    backend = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8").backend
+    rule = np.linspace(0, 1, len(texts) * len(backend.labels), dtype=np.float32).reshape(len(texts), -1)
+
+    def blend(probs, rows):
+        return (probs + rule[rows]) / 2
+
+    raw = blend(sigmoid(backend.forward(texts, exact=False)), np.arange(len(texts)))
+    exact = blend(sigmoid(backend.forward(texts, exact=True)), np.arange(len(texts)))
+    backend.recheck_margin = float(np.quantile(np.abs(logit(raw)).min(axis=1), 0.5))
+    near = (np.abs(logit(raw)) < backend.recheck_margin).any(axis=1)
+    assert 0 < near.sum() < len(texts)
+    out = backend.probabilities(texts, np.float32(0.5), mix=blend)
+    np.testing.assert_allclose(out[near], exact[near], atol=1e-6)
+    np.testing.assert_array_equal(out[~near], raw[~near])
+
+
 def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
     torch_fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="torch", precision="fp32")
@@ -125,8 +145,14 @@ def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
         Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="bf16")
 
 
-def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, tmp_path, root):
-    """predict.py and the Tagger API on the ONNX backend: no torch, transformers or sklearn loaded."""
+def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy, tmp_path, root):
+    """predict.py and the Tagger API on the ONNX backend, rule blend included: no torch, transformers or
+    sklearn loaded."""
+    from abstract_tagger.labeling.label_model import MajorityVote
+    from abstract_tagger.rule_blend import RuleBlend
+
+    tiny_onnx_checkpoint = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "blended")
+    RuleBlend.fit(taxonomy, 2, [Paper("x", "x", "x")], MajorityVote(), weight=0.4).save(tiny_onnx_checkpoint)
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "title": SPEECH[0], "abstract": SPEECH[1]}) + "\n")
     script = f"""
 import runpy, sys
