@@ -145,6 +145,14 @@ def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
         Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="bf16")
 
 
+def test_onnx_threads_default_to_physical_cores(tiny_onnx_checkpoint):
+    from abstract_tagger.onnx_backend import physical_cores
+
+    assert Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx").backend.num_threads == physical_cores() >= 1
+    one = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", num_threads=1).backend
+    assert one.num_threads == 1 and one.fast.get_session_options().intra_op_num_threads == 1
+
+
 def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy, tmp_path, root):
     """predict.py and the Tagger API on the ONNX backend, rule blend included: no torch, transformers or
     sklearn loaded."""
