@@ -144,17 +144,22 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) ->
     return results
 
 
+# A forked child's peak RSS counts the parent's memory at the fork (this process holds the pipeline
+# and torch: ~1.1 GB), so each command runs under a fresh, small Python that reports its child's peak.
+_MEASURE = ("import resource, subprocess, sys, time; start = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); "
+            "print('\\nMEASURED', time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "sys.exit(rc)")
+
+
 def run_child(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    output = proc.stdout.read().decode()
-    proc.stdout.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    output = proc.stdout.decode()
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{output[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    wall, rss_kb = output.rsplit("MEASURED", 1)[1].split()
+    return float(wall), int(rss_kb) / 1024
 
 
 def predict_cli(checkpoint: Path, input: Path, backend: str) -> list[str]:
