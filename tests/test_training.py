@@ -190,3 +190,14 @@ def test_progress_in_a_log_file_is_one_line_per_refresh(monkeypatch):
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) >= 3
     assert lines[-1].startswith("100%") and "30/30" in lines[-1]
+
+
+def test_model_card_names_a_hub_base_model_and_says_when_there_is_no_self_training():
+    from abstract_tagger.checkpoint import _hub_id, _self_training
+    from abstract_tagger.model import BUNDLED_MINILM, describe
+
+    assert _hub_id(describe(BUNDLED_MINILM)) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert _hub_id("allenai/scibert_scivocab_uncased") == "allenai/scibert_scivocab_uncased"
+    assert _self_training({"self_training_rounds": 0}) == " (no self-training rounds)"
+    assert "1 self-training round(s) of 2 epoch(s) on 0.7 x weak labels + 0.3 x" in _self_training(
+        {"self_training_rounds": 1, "self_training_epochs": 2, "self_training_model_weight": 0.3})

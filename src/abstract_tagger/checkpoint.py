@@ -105,6 +105,20 @@ def _model_index(evaluation: Evaluation) -> list[dict[str, Any]]:
         for name, s in evaluation.sets.items()]}]
 
 
+def _hub_id(backbone: str) -> str:
+    """The Hub id for `base_model`: the card's backbone name without its note ("... (bundled with ...)")."""
+    return backbone.split(" (", 1)[0]
+
+
+def _self_training(training: Mapping[str, Any]) -> str:
+    rounds = training.get("self_training_rounds") or 0
+    if not rounds:
+        return " (no self-training rounds)"
+    w = training["self_training_model_weight"]
+    return (f", then {rounds} self-training round(s) of {training['self_training_epochs']} epoch(s) on "
+            f"{1 - w:g} x weak labels + {w:g} x the model's own probabilities")
+
+
 def model_card(
     *,
     backbone: str,
@@ -122,7 +136,7 @@ def model_card(
     held_out = ", ".join(f"{name} ({n})" for name, n in corpus.get("held_out", {}).items())
     header = yaml.safe_dump({
         "library_name": "transformers", "pipeline_tag": "text-classification", "license": "apache-2.0",
-        "base_model": backbone, "language": ["en"],
+        "base_model": _hub_id(backbone), "language": ["en"],
         "tags": ["multi-label-classification", "scientific-papers", "weak-supervision"],
         "model-index": _model_index(evaluation)}, sort_keys=False, allow_unicode=True)
     blend = (f"mixed with the rule functions' probabilities at weight {evaluation.blend_weight:g} "
@@ -143,11 +157,9 @@ Tags a research-paper abstract (input: `"<title>. <abstract>"`) with {len(taxono
   never trained on): {held_out}.
 - Targets: soft labels (probabilities) from a label model over labelling functions: {lfs}.
   Gold labels of the dev and test sets are never training targets.
-- Training: {training.get('epochs')} epoch(s) on the weak labels, then {training.get('self_training_rounds')} self-training
-  round(s) of {training.get('self_training_epochs')} epoch(s) on {1 - training.get('self_training_model_weight', 0):g} x weak labels +
-  {training.get('self_training_model_weight')} x the model's own probabilities; batch size {training.get('batch_size')},
-  max length {training.get('max_length')} tokens, learning rate {training.get('lr')} (head {training.get('head_lr')}),
-  precision {training.get('precision')}, seed {training.get('seed')}.
+- Training: {training.get('epochs')} epoch(s) on the weak labels{_self_training(training)}; batch size
+  {training.get('batch_size')}, max length {training.get('max_length')} tokens, learning rate {training.get('lr')}
+  (head {training.get('head_lr')}), precision {training.get('precision')}, seed {training.get('seed')}.
 
 ## Evaluation
 
