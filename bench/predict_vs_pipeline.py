@@ -101,7 +101,7 @@ def same_tags(a: list[list[str]], b: list[list[str]]) -> float:
 
 def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) -> dict:
     from abstract_tagger import Tagger
-    from abstract_tagger.prediction import as_text, logit
+    from abstract_tagger.prediction import as_paper, as_text, logit
 
     tagger = Tagger.from_pretrained(checkpoint, backend=backend)
     no_recheck = Tagger.from_pretrained(checkpoint, backend=backend, recheck_margin=0)
@@ -116,15 +116,22 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) ->
         # Alternating chunk by chunk (predict.py's chunk size) exposes both to the same load on a shared machine.
         ref, scores, t_pipe, t_pred = [], [], 0.0, 0.0
         for start in range(0, len(texts), CHUNK):
-            chunk = texts[start:start + CHUNK]
-            out, seconds = timed(pipeline_scores, pipe, chunk, tagger.labels)
+            out, seconds = timed(pipeline_scores, pipe, texts[start:start + CHUNK], tagger.labels)
             ref.append(out)
             t_pipe += seconds
-            out, seconds = timed(tagger.scores, chunk)
+            out, seconds = timed(tagger.scores, records[start:start + CHUNK])  # records, as predict.py passes
             scores.append(out)
             t_pred += seconds
         ref, scores = np.concatenate(ref), np.concatenate(scores)
-        raw = no_recheck.scores(texts)
+        # The reference is torch fp32 as the checkpoint ships it: the pipeline's scores, with the
+        # checkpoint's rule blend applied the same way when it has one.
+        raw_model = no_recheck.backend.probabilities(texts, tagger.thresholds)
+        raw, cut = raw_model, tagger.thresholds
+        if tagger.blend is not None:
+            rules = tagger.blend.rule_probs([as_paper(r) for r in records])
+            ref, raw = tagger.blend.mix(ref, rules), tagger.blend.mix(raw_model, rules)
+            w = tagger.blend.weight
+            cut = np.clip((tagger.thresholds - w * rules) / (1 - w), 0, 1)
         ref_tags = tagger.decide(ref)
         results[name] = {
             "n": len(texts),
@@ -133,8 +140,7 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) ->
             "speedup": t_pipe / t_pred,
             "same_tags": same_tags(tagger.decide(scores), ref_tags),
             "max_score_diff": float(np.abs(scores - ref).max()),
-            "rechecked": float((np.abs(logit(raw) - logit(tagger.thresholds)) < model.recheck_margin)
-                               .any(axis=1).mean()),
+            "rechecked": float((np.abs(logit(raw_model) - logit(cut)) < model.recheck_margin).any(axis=1).mean()),
             "same_tags_without_recheck": same_tags(no_recheck.decide(raw), ref_tags),
             "max_score_diff_without_recheck": float(np.abs(raw - ref).max()),
             "overhead_vs_bare": overhead_vs_bare(no_recheck, texts[:1000]),

@@ -93,24 +93,30 @@ def test_reduced_precision_rescores_rows_near_a_threshold_exactly(tiny_onnx_chec
     np.testing.assert_allclose(tagger.scores(texts), fp32, atol=1e-6)
 
 
-def test_recheck_looks_at_the_post_processed_probabilities(tiny_onnx_checkpoint):
-    """A post-processing step (e.g. a blend with rule scores) moves scores; the rows rescored exactly
-    are those whose final score is near a threshold."""
+def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onnx_checkpoint, taxonomy):
+    """With a rule blend, a tag flips where the model's score crosses (cut - w * rules) / (1 - w): the
+    papers rescored exactly are those near that, not those whose blended score is near the cut (which
+    rescored 61% of papers, mostly for their rule scores)."""
+    from abstract_tagger.labeling.label_model import MajorityVote
+    from abstract_tagger.prediction import as_paper
+    from abstract_tagger.rule_blend import RuleBlend
+
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
-    backend = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8").backend
-    rule = np.linspace(0, 1, len(texts) * len(backend.labels), dtype=np.float32).reshape(len(texts), -1)
-
-    def blend(probs, rows):
-        return (probs + rule[rows]) / 2
-
-    raw = blend(sigmoid(backend.forward(texts, exact=False)), np.arange(len(texts)))
-    exact = blend(sigmoid(backend.forward(texts, exact=True)), np.arange(len(texts)))
-    backend.recheck_margin = float(np.quantile(np.abs(logit(raw)).min(axis=1), 0.5))
-    near = (np.abs(logit(raw)) < backend.recheck_margin).any(axis=1)
+    tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8")
+    tagger.blend = RuleBlend.fit(taxonomy, 1, [as_paper(t) for t in texts], MajorityVote(), weight=0.4)
+    rules = tagger.blend.rule_probs([as_paper(t) for t in texts])
+    assert 0 < rules.mean() < 1
+    backend = tagger.backend
+    raw = sigmoid(backend.forward(texts, exact=False))
+    exact = sigmoid(backend.forward(texts, exact=True))
+    model_cut = np.clip((tagger.thresholds - 0.4 * rules) / 0.6, 0, 1)
+    distance = np.abs(logit(raw) - logit(model_cut)).min(axis=1)
+    backend.recheck_margin = float(np.quantile(distance, 0.5))
+    near = distance < backend.recheck_margin
     assert 0 < near.sum() < len(texts)
-    out = backend.probabilities(texts, np.float32(0.5), mix=blend)
-    np.testing.assert_allclose(out[near], exact[near], atol=1e-6)
-    np.testing.assert_array_equal(out[~near], raw[~near])
+    out = tagger.scores(texts)
+    np.testing.assert_allclose(out[near], tagger.blend.mix(exact, rules)[near], atol=1e-6)
+    np.testing.assert_allclose(out[~near], tagger.blend.mix(raw, rules)[~near], atol=1e-6)
 
 
 def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -193,27 +193,19 @@ class Backend:
             out[rows] = self.logits(input_ids, mask, exact)
         return out
 
-    def probabilities(
-        self, texts: Sequence[str], cut: np.ndarray | float,
-        mix: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Probabilities, float32 (len(texts), tags), rows in input order: the model's sigmoid scores, or
-        `mix(scores, row indices)` of them (a post-processing step, such as a blend with rule scores).
-        In reduced precision, rows with a final logit within `recheck_margin` of a threshold's logit
-        (`cut`: per tag or one for all) are scored again exactly, so that reduced precision changes
+    def probabilities(self, texts: Sequence[str], cut: np.ndarray | float) -> np.ndarray:
+        """The model's sigmoid scores, float32 (len(texts), tags), rows in input order. In reduced
+        precision, rows with a logit within `recheck_margin` of a threshold's logit (`cut`: one for
+        all, per tag, or per row and tag) are scored again exactly, so that reduced precision changes
         speed, not tags."""
         if not len(texts):
             return np.empty((0, len(self.labels)), dtype=np.float32)
-
-        def final(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
-            return sigmoid(logits) if mix is None else mix(sigmoid(logits), rows)
-
         exact = self.reduced is None
-        out = final(self.forward(texts, exact=exact), np.arange(len(texts)))
+        out = sigmoid(self.forward(texts, exact=exact))
         if not exact and self.recheck_margin > 0:
             near = np.flatnonzero((np.abs(logit(out) - logit(cut)) < self.recheck_margin).any(axis=1))
             if len(near):
-                out[near] = final(self.forward([texts[i] for i in near], exact=True), near)
+                out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True))
         return out
 
     def describe(self) -> str:
@@ -287,10 +279,14 @@ class Tagger:
         cut = self.thresholds if threshold is None else np.float32(threshold)
         if self.blend is None:
             return self.backend.probabilities(texts, cut)
-        # Blended before the recheck, so that the papers rescored exactly are those near a threshold
-        # in what is finally compared with it.
         rules = self.blend.rule_probs([as_paper(item) for item in items])
-        return self.backend.probabilities(texts, cut, mix=lambda p, rows: self.blend.mix(p, rules[rows]))
+        # The blended score crosses `cut` exactly where the model's score crosses
+        # (cut - w * rules) / (1 - w): rescoring papers near *that* is what keeps fp32's tags. (Near
+        # `cut` in blended space would rescore papers whose rule score alone sits near it: 61%.)
+        w = self.blend.weight
+        with np.errstate(divide="ignore", invalid="ignore"):
+            model_cut = np.clip((cut - w * rules) / (1 - w), 0.0, 1.0)
+        return self.blend.mix(self.backend.probabilities(texts, model_cut), rules)
 
     def decide(
         self, scores: np.ndarray, *, top_k: int | None = None, threshold: float | None = None
