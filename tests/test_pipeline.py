@@ -15,7 +15,7 @@ from abstract_tagger.config_checks import register_resolvers
 from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_seed_dump
 from abstract_tagger.labeling.label_model import MajorityVote
 from abstract_tagger.prediction import CheckpointError
-from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns
+from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns, rule_functions
 from helpers import BACKENDS, SPEECH, TRAIN
 
 
@@ -88,7 +88,8 @@ def test_rule_table_covers_every_vote_pattern(taxonomy):
     patterns = all_vote_patterns(3, len(taxonomy))
     assert patterns.shape == (27, 3, len(taxonomy))
     assert len({tuple(p[:, 0]) for p in patterns}) == 27
-    blend = RuleBlend.fit(taxonomy, 2, [Paper("x", "Speech recognition", "Audio. Speech.")], MajorityVote(), 0.5)
+    corpus = [Paper("x", "Speech recognition", "Audio. Speech.")]
+    blend = RuleBlend.fit(taxonomy, 2, rule_functions(taxonomy, 2)(corpus), MajorityVote(), 0.5)
     np.testing.assert_allclose(blend.table, MajorityVote().predict_proba(patterns))
     probs = blend.rule_probs([Paper("p", "Automatic speech recognition for audio", "We transcribe speech audio.",
                                     ("eess.AS",))])
@@ -98,7 +99,8 @@ def test_rule_table_covers_every_vote_pattern(taxonomy):
 @pytest.fixture
 def blended_checkpoint(tiny_onnx_checkpoint, taxonomy, tmp_path):
     path = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "blended")
-    RuleBlend.fit(taxonomy, 2, [Paper("x", "x", "x")], MajorityVote(), weight=0.4).save(path)
+    votes = rule_functions(taxonomy, 2)([Paper("x", "x", "x")])
+    RuleBlend.fit(taxonomy, 2, votes, MajorityVote(), weight=0.4).save(path)
     return path
 
 

@@ -99,11 +99,12 @@ def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onn
     rescored 61% of papers, mostly for their rule scores)."""
     from abstract_tagger.labeling.label_model import MajorityVote
     from abstract_tagger.prediction import as_paper
-    from abstract_tagger.rule_blend import RuleBlend
+    from abstract_tagger.rule_blend import RuleBlend, rule_functions
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
     tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8")
-    tagger.blend = RuleBlend.fit(taxonomy, 1, [as_paper(t) for t in texts], MajorityVote(), weight=0.4)
+    votes = rule_functions(taxonomy, 1)([as_paper(t) for t in texts])
+    tagger.blend = RuleBlend.fit(taxonomy, 1, votes, MajorityVote(), weight=0.4)
     rules = tagger.blend.rule_probs([as_paper(t) for t in texts])
     assert 0 < rules.mean() < 1
     backend = tagger.backend
@@ -164,10 +165,11 @@ def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy
     """predict.py and the Tagger API on the ONNX backend, rule blend included: no torch, transformers or
     sklearn loaded."""
     from abstract_tagger.labeling.label_model import MajorityVote
-    from abstract_tagger.rule_blend import RuleBlend
+    from abstract_tagger.rule_blend import RuleBlend, rule_functions
 
     tiny_onnx_checkpoint = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "blended")
-    RuleBlend.fit(taxonomy, 2, [Paper("x", "x", "x")], MajorityVote(), weight=0.4).save(tiny_onnx_checkpoint)
+    votes = rule_functions(taxonomy, 2)([Paper("x", "x", "x")])
+    RuleBlend.fit(taxonomy, 2, votes, MajorityVote(), weight=0.4).save(tiny_onnx_checkpoint)
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "title": SPEECH[0], "abstract": SPEECH[1]}) + "\n")
     script = f"""
 import runpy, sys

@@ -28,7 +28,7 @@ from abstract_tagger.config_checks import validate
 from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_gold, read_gold_sets
 from abstract_tagger.labeling.label_model import LearnedLabelModel
 from abstract_tagger.model import Backbone, load_backbone
-from abstract_tagger.rule_blend import RuleBlend, choose_weight
+from abstract_tagger.rule_blend import RuleBlend, choose_weight, rule_functions
 from abstract_tagger.taxonomy import Taxonomy
 from abstract_tagger.training import FitResult, _loader, encode, fit, make_accelerator, predict_probs
 
@@ -170,20 +170,30 @@ class Evaluation:
     thresholds: dict[str, float]
 
 
-def evaluate_run(cfg: DictConfig, papers: Sequence[Paper], split: Split, model_probs: np.ndarray,
-                 weak_probs: np.ndarray, blend: RuleBlend | None, tag_ids: list[str]) -> Evaluation:
-    """Choose the blend weight and thresholds on dev; score every gold set."""
+def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, papers: Sequence[Paper], split: Split,
+              model_probs: np.ndarray) -> tuple[RuleBlend | None, dict[float, float], np.ndarray]:
+    """The rule blend (None where `rule_blend.weights` is [0]), every candidate weight's k-fold dev
+    score, and the probabilities it ships for every paper. The rule functions vote once on every
+    paper: the label model is fitted on the training papers' votes, the weight chosen on dev."""
+    if list(cfg.rule_blend.weights) == [0.0]:
+        return None, {0.0: 0.0}, model_probs
+    min_hits = cfg.labeling.keywords.min_abstract_hits
+    votes = rule_functions(taxonomy, min_hits)(papers)
+    blend = RuleBlend.fit(taxonomy, min_hits, votes[split.train], LearnedLabelModel(cfg.labeling.label_model))
+    rule_probs = blend.probs_from_votes(votes)
+    dev_rows = split.rows("dev")
+    weights = choose_weight(model_probs[dev_rows], rule_probs[dev_rows], split.gold("dev"), taxonomy.ids,
+                            cfg.rule_blend.weights, OmegaConf.to_container(cfg.thresholds, resolve=True), cfg.seed)
+    blend.weight = max(weights, key=lambda w: (round(weights[w], 6), -w))  # the lowest weight among equals
+    return blend, weights, blend.mix(model_probs, rule_probs)
+
+
+def evaluate_run(cfg: DictConfig, split: Split, model_probs: np.ndarray, shipped_probs: np.ndarray,
+                 weak_probs: np.ndarray, blend_weight: float, blend_candidates: dict[float, float],
+                 tag_ids: list[str]) -> Evaluation:
+    """Choose the thresholds on dev for the model alone and for what ships; score every gold set."""
     tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
     dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
-    rule_probs = blend.rule_probs(papers) if blend is not None else np.zeros_like(model_probs)
-    weights = {0.0: 0.0}
-    if blend is not None:
-        weights = choose_weight(model_probs[dev_rows], rule_probs[dev_rows], dev_gold, tag_ids,
-                                cfg.rule_blend.weights, tcfg, cfg.seed)
-        # Simplest (lowest weight) among equals.
-        blend.weight = max(weights, key=lambda w: (round(weights[w], 6), -w))
-    shipped_probs = blend.mix(model_probs, rule_probs) if blend is not None else model_probs
-
     model_choice = thr.choose(model_probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
     shipped_choice = thr.choose(shipped_probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
     model_cut = np.array([model_choice.thresholds[t] for t in tag_ids])
@@ -216,8 +226,8 @@ def evaluate_run(cfg: DictConfig, papers: Sequence[Paper], split: Split, model_p
         dev_in_sample=thr.score(shipped_probs[dev_rows] >= shipped_cut, dev_gold, tag_ids),
         threshold_policy=shipped_choice.policy,
         policy_candidates={k: v.mean_f1 for k, v in shipped_choice.candidates.items()},
-        blend_weight=blend.weight if blend is not None else 0.0,
-        blend_candidates=weights,
+        blend_weight=blend_weight,
+        blend_candidates=blend_candidates,
         thresholds=shipped_choice.thresholds,
     )
 
@@ -269,22 +279,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     probs = corpus_probs(cfg, accelerator, trained.backbone.model, trained.backbone.tokenizer, papers)
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        blend = None
-        if cfg.rule_blend.weights != [0.0]:
-            train_papers = [papers[i] for i in split.train]
-            blend = RuleBlend.fit(taxonomy, cfg.labeling.keywords.min_abstract_hits, train_papers,
-                                  LearnedLabelModel(cfg.labeling.label_model))
-        evaluation = evaluate_run(cfg, papers, split, probs, weak.probs, blend, tag_ids)
-        summary = _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, probs, trained, evaluation,
+        blend, weights, shipped = fit_blend(cfg, taxonomy, papers, split, probs)
+        evaluation = evaluate_run(cfg, split, probs, shipped, weak.probs, blend.weight if blend else 0.0, weights,
+                                  tag_ids)
+        summary = _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, shipped, trained, evaluation,
                                      blend, run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, probs, trained, evaluation, blend,
+def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, shipped, trained, evaluation, blend,
                        run_dir) -> dict[str, Any]:
-    """Main process: checkpoint, review.jsonl, charts, tracking, metrics.json."""
+    """Main process: checkpoint, review.jsonl, charts, tracking, metrics.json. `shipped`: the
+    probabilities predict.py gives every paper (the model's, blended with the rules where shipped)."""
     tag_ids = taxonomy.ids
     t = cfg.trainer
     corpus = {"sources": {n: s["kept"] for n, s in weak.report["corpus"]["per_source"].items()},
@@ -301,7 +309,6 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, probs, t
                                    thresholds=evaluation.thresholds, taxonomy=taxonomy,
                                    max_length=cfg.model.max_length, dtype=cfg.export.dtype, card=card, blend=blend)
     cut = np.array([evaluation.thresholds[tg] for tg in tag_ids])
-    shipped = blend(papers, probs) if blend is not None else probs
     gold_tags = {papers[r].id: [tg for tg, on in zip(tag_ids, y) if on]
                  for name in split.sets for r, y in zip(split.sets[name], split.labels[name])}
     write_review(run_dir / "review.jsonl", papers, shipped, weak.probs, cut, weak.threshold, tag_ids, gold_tags,

@@ -61,25 +61,25 @@ class RuleBlend:
         self.functions = rule_functions(self.taxonomy, self.min_abstract_hits)
 
     @classmethod
-    def fit(cls, taxonomy: Taxonomy, min_abstract_hits: int, corpus: Sequence[Paper], label_model: Any,
+    def fit(cls, taxonomy: Taxonomy, min_abstract_hits: int, votes: np.ndarray, label_model: Any,
             weight: float = 0.0) -> RuleBlend:
-        """Fit `label_model` (unfitted, e.g. LearnedLabelModel) on the corpus's rule votes and tabulate it."""
-        functions = rule_functions(taxonomy, min_abstract_hits)
-        label_model.fit(functions(corpus))
-        table = label_model.predict_proba(all_vote_patterns(len(functions.names), len(taxonomy)))
+        """Fit `label_model` (unfitted, e.g. LearnedLabelModel) on a corpus's votes of
+        `rule_functions(taxonomy, min_abstract_hits)` and tabulate it."""
+        label_model.fit(votes)
+        table = label_model.predict_proba(all_vote_patterns(votes.shape[1], len(taxonomy)))
         return cls(taxonomy, min_abstract_hits, np.asarray(table, dtype=np.float32), weight)
 
+    def probs_from_votes(self, votes: np.ndarray) -> np.ndarray:
+        """P(tag | rule votes) [papers, tags] for votes of `self.functions`."""
+        return np.take_along_axis(self.table, _pattern_index(votes), axis=0)
+
     def rule_probs(self, papers: Sequence[Paper]) -> np.ndarray:
-        rows = _pattern_index(self.functions(papers))
-        return np.take_along_axis(self.table, rows, axis=0) if len(papers) else np.zeros((0, len(self.taxonomy)),
-                                                                                         np.float32)
+        if not len(papers):
+            return np.zeros((0, len(self.taxonomy)), np.float32)
+        return self.probs_from_votes(self.functions(papers))
 
-    def mix(self, model_probs: np.ndarray, rule_probs: np.ndarray, weight: float | None = None) -> np.ndarray:
-        w = self.weight if weight is None else weight
-        return ((1 - w) * model_probs + w * rule_probs).astype(np.float32)
-
-    def __call__(self, papers: Sequence[Paper], model_probs: np.ndarray) -> np.ndarray:
-        return model_probs if self.weight == 0 else self.mix(model_probs, self.rule_probs(papers))
+    def mix(self, model_probs: np.ndarray, rule_probs: np.ndarray) -> np.ndarray:
+        return mix(model_probs, rule_probs, self.weight)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,11 +110,15 @@ class RuleBlend:
         return blend
 
 
+def mix(model_probs: np.ndarray, rule_probs: np.ndarray, weight: float) -> np.ndarray:
+    return ((1 - weight) * model_probs + weight * rule_probs).astype(np.float32)
+
+
 def choose_weight(model_probs: np.ndarray, rule_probs: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str],
                   weights: Sequence[float], thresholds_cfg: Mapping[str, Any], seed: int = 0) -> dict[float, float]:
     """Held-out dev score (mean of micro and macro F1, thresholds chosen by the policy under k-fold)
     of every candidate weight; the caller takes the best."""
     from abstract_tagger.thresholds import choose
 
-    return {w: choose((1 - w) * model_probs + w * rule_probs, gold, tag_ids, thresholds_cfg, seed).heldout.mean_f1
+    return {w: choose(mix(model_probs, rule_probs, w), gold, tag_ids, thresholds_cfg, seed).heldout.mean_f1
             for w in weights}
