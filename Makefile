@@ -31,7 +31,7 @@ train: $(STAMP)
 	@$(BIN)/python -c "import json,sys; [print(f\"{r['id']}: {', '.join(r['tags']) or '(no tag)'}\") for r in map(json.loads, open(sys.argv[1]))]" $(RUN_DIR)/examples.tags.jsonl
 
 bench: $(STAMP)
-	$(BIN)/python bench/weak_labels_bench.py
+	$(BIN)/python bench/scale_bench.py
 	$(BIN)/python bench/baselines.py --run-dir $(RUN_DIR)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/predict_vs_pipeline.py

@@ -1,4 +1,8 @@
-"""Weak-label the corpus: python label.py [hydra.run.dir=DIR] [labeling.model=majority|learned]."""
+"""Weak-label the corpus, streamed chunk by chunk (any size; a killed run resumes):
+
+    python label.py [data=...] [labeling=rules] [hydra.run.dir=DIR]
+    torchrun --nproc_per_node N label.py ...   # N processes share the voting (also: accelerate launch)
+"""
 
 import logging
 import os
@@ -8,8 +12,9 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from abstract_tagger.config_checks import exit_on_error, validate_label  # noqa: E402
+from abstract_tagger.config_checks import exit_on_error, register_resolvers, validate_label  # noqa: E402
 
+register_resolvers()
 log = logging.getLogger(__name__)
 
 
@@ -17,13 +22,16 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     from abstract_tagger.labeling.weak_labels import build_weak_labels
     from abstract_tagger.labeling.report import to_markdown
+    from abstract_tagger.runtime import process_state
 
     with exit_on_error(log):
         validate_label(cfg)
         labels = build_weak_labels(cfg)
+        if not process_state().is_main_process:
+            return
         labels.write(cfg.paths.output_dir)
     print(to_markdown(labels.report))
-    log.info("wrote %d papers' weak labels to %s", len(labels.papers), cfg.paths.output_dir)
+    log.info("wrote %d papers' weak labels to %s", labels.n_papers, cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

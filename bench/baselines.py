@@ -27,9 +27,9 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from abstract_tagger import thresholds as thr  # noqa: E402
 from abstract_tagger.config_checks import register_resolvers  # noqa: E402
-from abstract_tagger.corpus import read_gold_sets  # noqa: E402
+from abstract_tagger.corpus import Paper, read_gold_sets  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
-from abstract_tagger.pipeline import split_corpus  # noqa: E402
+from abstract_tagger.training_data import training_data  # noqa: E402
 
 
 def tfidf_logreg(train_texts, train_probs, test_texts, c: float = 4.0) -> np.ndarray:
@@ -58,16 +58,15 @@ def main() -> None:
         cfg = compose("train", overrides=args.overrides)
     weak = build_weak_labels(cfg)
     tag_ids = weak.tag_ids
-    split = split_corpus(weak.papers, read_gold_sets(cfg.data.gold, tag_ids), tag_ids)
-    texts = [p.text for p in weak.papers]
-    held_out = np.concatenate([split.rows("dev"), split.rows("test")])
-    baseline = np.zeros_like(weak.probs)
-    baseline[held_out] = tfidf_logreg([texts[i] for i in split.train], weak.probs[split.train],
-                                      [texts[i] for i in held_out])
+    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), None, tag_ids)
+    split, weak_probs = data.split, data.held_out_weak
+    train = data.train.select_columns(["title", "abstract", "labels"]).with_format("numpy")
+    baseline = tfidf_logreg([Paper("", t, a).text for t, a in zip(train["title"], train["abstract"])],
+                            np.stack(train["labels"]), [p.text for p in data.held_out])
     tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
     dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
     rows: dict[str, dict[str, tuple[float, float]]] = {}
-    for name, probs in (("weak labels", weak.probs), ("TF-IDF + logistic regression", baseline)):
+    for name, probs in (("weak labels", weak_probs), ("TF-IDF + logistic regression", baseline)):
         choice = thr.choose(probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
         cut = np.array([choice.thresholds[t] for t in tag_ids])
         rows[name] = {"dev @0.5": thr.score(probs[dev_rows] >= 0.5, dev_gold, tag_ids),
@@ -84,7 +83,7 @@ def main() -> None:
                 rows[name][f"{test} policy"] = (scores[test][kind]["micro_f1"], scores[test][kind]["macro_f1"])
 
     print(f"dev: {len(dev_rows)} papers, " + ", ".join(f"{n}: {len(r)}" for n, r in split.sets.items())
-          + f"; training: {len(split.train)} papers with weak soft targets\n")
+          + f"; training: {len(data.train)} papers with weak soft targets\n")
     columns = list(next(iter(rows.values())))
     print("| predictions | " + " | ".join(f"{c} micro | {c} macro" for c in columns) + " |")
     print("|---|" + "---|---|" * len(columns))

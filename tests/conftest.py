@@ -6,8 +6,18 @@ import pytest
 # Tests never reach the Hugging Face Hub; the bundled MiniLM and tiny models built in-test serve.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# What the entry points set: relative data paths in the configs resolve against the repo.
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Every run the tests start (in process or as a subprocess) caches under a temporary folder: bf16
+    embeddings depend slightly on the batch a text was embedded in, so vectors a test left in the
+    checkout's .cache once made the next `make train` differ from a fresh clone's."""
+    os.environ["ABSTRACT_TAGGER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,19 @@ GOLD = {"t01": ["causal-inference"], "t02": ["llm-reasoning", "nlp"], "t04": ["c
         "t05": ["security-privacy"], "t06": ["speech-audio"], "t12": ["evaluation-benchmarks", "nlp"]}
 
 
+def label_cfg(root: Path, tmp_path: Path, corpus: Path, *overrides: str, cache: str = "cache"):
+    """label.py's config for the tiny corpus, rule functions only, with GOLD as the one dev set."""
+    from hydra import compose, initialize_config_dir
+
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"id": k, "tags": v}) + "\n" for k, v in GOLD.items()))
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        return compose("label", overrides=[
+            f"paths.cache_dir={tmp_path / cache}", "~data.sources", f"data.gold.dev.seed={gold}",
+            "data.gold.dev.recent=null", "data.gold.test.recent=null", "labeling=rules",
+            f"+data.sources={{tiny:{{path:'{corpus}',format:jsonl}}}}", *overrides])
+
+
 def write_corpus(path: Path, extra_lines: list[str] = ()) -> None:
     lines = [json.dumps({"id": i, "title": t, "abstract": a, "categories": c}) for i, t, a, c in PAPERS]
     path.write_text("\n".join([*lines, *extra_lines]) + "\n", encoding="utf-8")
@@ -138,7 +151,7 @@ def make_cfg(root, *overrides):
 
     register_resolvers()
     with initialize_config_dir(str(root / "conf"), version_base="1.3"):
-        return compose("train", overrides=["model=tiny", "logger=none", "trainer.precision=no", *overrides])
+        return compose("train", overrides=["model=tiny", "logger=none", "trainer.precision=fp32", *overrides])
 
 
 def synthetic_targets(papers, taxonomy):
@@ -156,6 +169,30 @@ class Fitted:
     epoch_steps: list
 
 
+def weak_labels_on_disk(path: Path, papers, probs: np.ndarray, tag_ids, chunk_size: int = 16):
+    """A finished weak-labelling result of `papers` with probabilities `probs`, as build_weak_labels leaves it."""
+    from abstract_tagger.labeling import weak_labels as wl
+
+    path.mkdir(parents=True, exist_ok=True)
+    n_chunks = 0
+    for n_chunks, start in enumerate(range(0, len(papers), chunk_size), start=1):
+        chunk = list(papers[start:start + chunk_size])
+        wl.save_chunk(wl._chunk_path(path, n_chunks - 1), chunk, np.zeros((len(chunk), 1, len(tag_ids)), np.int8))
+        np.save(wl._probs_path(path, n_chunks - 1), probs[start:start + chunk_size].astype(np.float32))
+    return wl.WeakLabels(root=path, tag_ids=list(tag_ids), report={}, threshold=0.5, n_papers=len(papers),
+                         n_chunks=n_chunks)
+
+
+def labelled_dataset(papers, probs, tokenizer, max_length):
+    """Tokenised papers with soft targets, as training reads them."""
+    from datasets import Dataset
+
+    from abstract_tagger.training_data import tokenize
+
+    return tokenize(Dataset.from_dict({"title": [p.title for p in papers], "abstract": [p.abstract for p in papers],
+                                       "labels": probs.astype(np.float32).tolist()}), tokenizer, max_length)
+
+
 def fit(cfg, papers, taxonomy, run_dir):
     """What pipeline.run does around the loop: seed, backbone (with the fallback's settings), prepare."""
     from accelerate.utils import set_seed
@@ -167,11 +204,27 @@ def fit(cfg, papers, taxonomy, run_dir):
     backbone = pipeline.load_model(cfg, taxonomy.ids)
     accelerator = training.make_accelerator(cfg)
     backbone.model = accelerator.prepare(backbone.model)
-    result = training.fit(cfg.trainer, accelerator, backbone.model, backbone.tokenizer, cfg.model.max_length,
-                          papers[:-8], probs[:-8], papers[-8:], (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids,
-                          run_dir / "state", cfg.trainer.epochs)
+    tok, length = backbone.tokenizer, cfg.model.max_length
+    result = training.fit(cfg.trainer, accelerator, backbone.model, tok, labelled_dataset(papers[:-8], probs[:-8], tok, length),
+                          labelled_dataset(papers[-8:], probs[-8:], tok, length), (probs[-8:] > 0.5).astype(np.int8),
+                          taxonomy.ids, run_dir / "state", cfg.trainer.epochs)
     return Fitted(backbone, result.losses, result.epoch_metrics, result.steps, result.epoch_steps)
 
 
 def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_publish(*overrides: str) -> None:
+    """publish.py in process: its composed config, and one `error: ...` line (SystemExit) on a bad setting."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+
+    from abstract_tagger.config_checks import exit_on_error
+    from abstract_tagger.publish import publish_from_config
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("publish", overrides=list(overrides))
+    with exit_on_error(logging.getLogger("publish")):
+        publish_from_config(cfg)

@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
-from helpers import Killed, fit, make_cfg, records, synthetic_targets, weights, write_jsonl
+from datasets import Dataset
+from helpers import Killed, fit, labelled_dataset, make_cfg, records, run_publish, synthetic_targets, weights, write_jsonl
 
 from abstract_tagger import Tagger, pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint
@@ -28,7 +29,7 @@ from abstract_tagger.config_checks import ConfigError, validate, validate_predic
 from abstract_tagger.corpus import CorpusError, read_seed_dump
 from abstract_tagger.predict_io import OutputFiles, predict_file
 from abstract_tagger.prediction import CheckpointError
-from abstract_tagger.publish import main as publish_main
+from abstract_tagger.training_data import Split, TrainingData
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
@@ -180,9 +181,10 @@ def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonom
     accelerator = training.make_accelerator(cfg)
     model = accelerator.prepare(backbone.model)
     with pytest.raises(ValueError, match="training diverged: loss nan at optimizer step 1"):
-        training.fit(cfg.trainer, accelerator, model, backbone.tokenizer, cfg.model.max_length, papers[:-8],
-                     probs[:-8], papers[-8:], (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids, tmp_path / "state",
-                     cfg.trainer.epochs)
+        tok, length = backbone.tokenizer, cfg.model.max_length
+        training.fit(cfg.trainer, accelerator, model, tok, labelled_dataset(papers[:-8], probs[:-8], tok, length),
+                     labelled_dataset(papers[-8:], probs[-8:], tok, length), (probs[-8:] > 0.5).astype(np.int8),
+                     taxonomy.ids, tmp_path / "state", cfg.trainer.epochs)
     assert not (tmp_path / "state").exists()
 
 
@@ -236,7 +238,7 @@ def published(tiny_checkpoint, tmp_path):
 
 def test_8_dry_run_leaves_the_published_checkpoint_alone(published, capsys):
     run, out = published
-    publish_main([str(run), "name=tiny", f"out_dir={out}", "push_to_hub=true", "repo_id=me/tiny", "dry_run=true"])
+    run_publish(f"run_dir={run}", "name=tiny", f"out_dir={out}", "push_to_hub=true", "repo_id=me/tiny", "dry_run=true")
     assert (out / "tiny/model.safetensors").read_bytes() == b"the published weights"
     assert sorted(p.name for p in out.iterdir()) == ["tiny"]
     assert "dry run: would upload" in capsys.readouterr().out
@@ -246,7 +248,7 @@ def test_8_dry_run_leaves_the_published_checkpoint_alone(published, capsys):
 def test_8_bad_publish_settings_fail_before_touching_anything(published, bad):
     run, out = published
     with pytest.raises(SystemExit, match=r"^error: (repo_id|max_mb|name|dry_run)="):
-        publish_main([str(run), "name=tiny", f"out_dir={out}", *bad])
+        run_publish(f"run_dir={run}", "name=tiny", f"out_dir={out}", *bad)
     assert (out / "tiny/model.safetensors").read_bytes() == b"the published weights"
 
 
@@ -296,14 +298,17 @@ def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, pa
     overrides = ["trainer.epochs=2", "trainer.self_training.rounds=1", "trainer.self_training.epochs=2",
                  "trainer.batch_size=8", "trainer.log_every=1"]
     weak = synthetic_targets(papers, taxonomy)
-    split = pipeline.Split(np.arange(40), {"dev/a": np.arange(40, 48)}, {"dev/a": (weak[40:] > 0.5).astype(np.int8)})
+    train_rows = Dataset.from_dict({"id": [p.id for p in papers[:40]], "title": [p.title for p in papers[:40]],
+                                    "abstract": [p.abstract for p in papers[:40]], "labels": weak[:40].tolist(),
+                                    "hand": [False] * 40})
+    data = TrainingData(train_rows, papers[40:48], weak[40:48],
+                        Split({"dev/a": np.arange(8)}, {"dev/a": (weak[40:48] > 0.5).astype(np.int8)}), 48)
 
     def train(run_dir, *more):
         cfg = make_cfg(root, *overrides, *more)
         set_seed(cfg.seed)
         backbone = pipeline.load_model(cfg, taxonomy.ids)
-        return pipeline.train(cfg, training.make_accelerator(cfg), backbone, papers, split, weak[:40],
-                              np.zeros(40, dtype=bool), weak, taxonomy.ids, run_dir)
+        return pipeline.train(cfg, training.make_accelerator(cfg), backbone, data, taxonomy.ids, run_dir)
 
     full = train(tmp_path / "full")
 

@@ -163,10 +163,10 @@ def test_score_micro_macro():
 
 
 def test_embedding_cache_round_trip(tmp_path):
-    cache = EmbeddingCache(tmp_path / "e.npz")
+    cache = EmbeddingCache(tmp_path / "e")
     keys = [text_key("a"), text_key("b")]
     cache.add(keys, np.eye(2, dtype=np.float32))
-    again = EmbeddingCache(tmp_path / "e.npz")
+    again = EmbeddingCache(tmp_path / "e")
     assert again.get([keys[1], text_key("c")])[0].tolist() == [0.0, 1.0]
     assert again.get([text_key("c")]) == [None]
 
@@ -174,7 +174,7 @@ def test_embedding_cache_round_trip(tmp_path):
 def test_embedding_cache_keys_ending_in_nul_bytes_stay_aligned(tmp_path):
     """numpy S16 keys lost trailing NUL bytes: such a key was never found again, and after a reload
     every vector added later was stored under another text's key."""
-    path = tmp_path / "e.npz"
+    path = tmp_path / "e"
     keys = [b"k" * 15 + b"\0", b"\1" * 16, b"\0" * 16]
     EmbeddingCache(path).add(keys, np.eye(3, dtype=np.float32))
     cache = EmbeddingCache(path)
@@ -186,12 +186,25 @@ def test_embedding_cache_keys_ending_in_nul_bytes_stay_aligned(tmp_path):
 
 
 def test_embedding_cache_writers_merge_instead_of_losing_entries(tmp_path):
-    path = tmp_path / "e.npz"
+    path = tmp_path / "e"
     first, second = EmbeddingCache(path), EmbeddingCache(path)  # two processes, both opened the empty store
     first.add([text_key("a")], np.ones((1, 2), dtype=np.float32))
-    second.add([text_key("b")], np.zeros((1, 2), dtype=np.float32))
+    second.add([text_key("b"), text_key("a")], np.zeros((2, 2), dtype=np.float32))
     both = EmbeddingCache(path)
     assert both.get([text_key("a")])[0].tolist() == [1.0, 1.0] and both.get([text_key("b")])[0].tolist() == [0.0, 0.0]
+    assert len(both.index) == 2 and len(list(path.glob("*.keys.npy"))) == 2  # "a" was not stored twice
+
+
+def test_embedding_cache_never_rewrites_a_segment_and_skips_half_written_ones(tmp_path):
+    path = tmp_path / "e"
+    cache = EmbeddingCache(path)
+    cache.add([text_key("a")], np.ones((1, 2), dtype=np.float32))
+    [first] = path.glob("*.keys.npy")
+    stamp = first.stat().st_mtime_ns
+    cache.add([text_key("b")], np.zeros((1, 2), dtype=np.float32))
+    assert first.stat().st_mtime_ns == stamp and len(list(path.glob("*.keys.npy"))) == 2
+    (path / ".killed.vectors.npy.partial").write_bytes(b"half a segment")  # a writer killed mid-save
+    assert EmbeddingCache(path).get([text_key("a"), text_key("b")])[1].tolist() == [0.0, 0.0]
 
 
 def test_cache_key_tracks_inputs(root, tmp_path):
@@ -214,7 +227,7 @@ def test_cache_key_tracks_inputs(root, tmp_path):
 
 @pytest.mark.slow
 def test_minilm_embedding_function_and_cache(taxonomy, labeling_cfg, tmp_path, monkeypatch):
-    encoder = SentenceEncoder(cache=EmbeddingCache(tmp_path / "e.npz"))
+    encoder = SentenceEncoder(cache=EmbeddingCache(tmp_path / "e"))
     f = EmbeddingFunction(taxonomy, encoder, labeling_cfg["embedding"]["margins"])
     papers = [paper("End-to-end automatic speech recognition for low-resource languages",
                     "We train an acoustic model on spoken audio and report word error rates."),
@@ -238,9 +251,9 @@ def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
     from abstract_tagger.labeling.weak_labels import make_encoder
 
     cfg = {"model_path": None, "batch_size": 8, "bf16": True}
-    before = make_encoder(cfg, tmp_path).cache.path
-    assert make_encoder(cfg, tmp_path).cache.path == before
+    before = make_encoder(cfg, tmp_path).cache.folder
+    assert make_encoder(cfg, tmp_path).cache.folder == before
     edited = tmp_path / "embedding.py"
     edited.write_bytes(Path(embedding.__file__).read_bytes() + b"\n# changed\n")
     monkeypatch.setattr(embedding, "__file__", str(edited))
-    assert make_encoder(cfg, tmp_path).cache.path != before
+    assert make_encoder(cfg, tmp_path).cache.folder != before

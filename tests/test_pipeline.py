@@ -2,6 +2,7 @@
 targets, self-training rounds, and the rule blend through export, Tagger and predict.py."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,13 +17,14 @@ from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_seed_dump
 from abstract_tagger.labeling.label_model import MajorityVote
 from abstract_tagger.prediction import CheckpointError
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns, rule_functions
-from helpers import BACKENDS, SPEECH, TRAIN
+from abstract_tagger.training_data import training_data
+from helpers import BACKENDS, SPEECH, TRAIN, weak_labels_on_disk
 
 
 def make_cfg(root, *overrides):
     register_resolvers()
     with initialize_config_dir(str(root / "conf"), version_base="1.3"):
-        return compose("train", overrides=["model=tiny", "logger=none", "trainer.precision=no", *overrides])
+        return compose("train", overrides=["model=tiny", "logger=none", "trainer.precision=fp32", *overrides])
 
 
 def gold_set(papers, tags_by_row):
@@ -36,44 +38,81 @@ def papers(root):
     return list(read_seed_dump(root / "data/hf_papers_seed.txt"))[:40]
 
 
-def test_gold_papers_are_held_out_and_hand_labels_override_weak_targets(papers, taxonomy):
+def data_of(cfg, tmp_path, papers, weak, sets, hand, taxonomy):
+    return training_data(cfg, weak_labels_on_disk(tmp_path / "weak", papers, weak, taxonomy.ids), sets, hand,
+                         taxonomy.ids)
+
+
+def test_gold_papers_are_held_out_and_hand_labels_override_weak_targets(root, papers, taxonomy, tmp_path):
+    cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}")
     sets = {"dev": {"a": gold_set(papers, {0: ["nlp"], 1: []})}, "test": {"b": gold_set(papers, {2: ["nlp"]})}}
-    split = pipeline.split_corpus(papers, sets, taxonomy.ids)
-    assert set(split.train) == set(range(3, 40))
-    assert split.of("dev") == ["dev/a"] and split.rows("test").tolist() == [2]
     weak = np.full((40, len(taxonomy)), 0.3, dtype=np.float32)
     hand = gold_set(papers, {5: ["speech-audio"], 7: []})
-    targets, is_hand = pipeline.training_targets(papers, split, weak, hand, taxonomy.ids)
-    row5, row7 = list(split.train).index(5), list(split.train).index(7)
-    assert is_hand.sum() == 2 and is_hand[row5] and is_hand[row7]
+    data = data_of(cfg, tmp_path, papers, weak, sets, hand, taxonomy)
+    assert [p.id for p in data.held_out] == [p.id for p in papers[:3]] and data.n_corpus == 40
+    assert data.train["id"] == [p.id for p in papers[3:]]
+    assert data.split.of("dev") == ["dev/a"] and data.split.rows("test").tolist() == [2]
+    targets, is_hand = np.array(data.train["labels"]), np.array(data.train["hand"])
+    row5, row7 = data.train["id"].index(papers[5].id), data.train["id"].index(papers[7].id)
+    assert data.n_hand == 2 and is_hand[row5] and is_hand[row7]
     assert targets[row5, taxonomy.index("speech-audio")] == 1 and targets[row5].sum() == 1
     assert targets[row7].sum() == 0
     assert np.all(targets[~is_hand] == np.float32(0.3))
     with pytest.raises(CorpusError, match=r"gold.jsonl:1: .*is in a dev or test gold set"):
-        pipeline.training_targets(papers, split, weak, gold_set(papers, {1: ["nlp"]}), taxonomy.ids)
+        data_of(cfg, tmp_path, papers, weak, sets, gold_set(papers, {1: ["nlp"]}), taxonomy)
     with pytest.raises(ValueError, match="data.gold.dev"):
-        pipeline.split_corpus(papers, {"test": sets["test"]}, taxonomy.ids)
+        data_of(cfg, tmp_path, papers, weak, {"test": sets["test"]}, None, taxonomy)
+
+
+def test_max_train_papers_keeps_a_seeded_sample_and_every_hand_label(root, papers, taxonomy, tmp_path):
+    sets = {"dev": {"a": gold_set(papers, {0: ["nlp"]})}}
+    weak = np.random.default_rng(0).random((40, len(taxonomy))).astype(np.float32)
+    hand = gold_set(papers, {39: ["nlp"]})
+
+    def sample(seed, limit=10):
+        cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}", f"data.max_train_papers={limit}", f"seed={seed}")
+        return data_of(cfg, tmp_path, papers, weak, sets, hand, taxonomy).train["id"]
+
+    first, again, other = sample(1), sample(1), sample(2)
+    assert first == again and first != other
+    in_sample = [pid for pid in first if pid != papers[39].id]
+    assert len(in_sample) == 10 and papers[39].id in first  # hand labels stay beside the sample
+    assert first == [p.id for p in papers if p.id in set(first)]  # corpus order kept
+    assert sample(1, limit=1000) == [p.id for p in papers[1:]]  # a limit above the corpus keeps everything
+
+
+def test_max_steps_stops_training_at_the_budget(root, papers, taxonomy, tmp_path):
+    from helpers import fit as fit_tiny
+
+    cfg = make_cfg(root, "trainer.epochs=5", "trainer.max_steps=3", "trainer.batch_size=4", "trainer.log_every=1")
+    fitted = fit_tiny(cfg, papers, taxonomy, tmp_path)
+    assert fitted.steps == [1, 2, 3] and fitted.epoch_steps == [3] and len(fitted.epoch_metrics) == 1
+    # Beyond one epoch (32 papers / batch 4 = 8 steps each): a cut-short third epoch.
+    longer = fit_tiny(make_cfg(root, "trainer.max_steps=19", "trainer.batch_size=4", "trainer.log_every=100"),
+                      papers, taxonomy, tmp_path / "longer")
+    assert longer.epoch_steps == [8, 16, 19]
 
 
 def test_self_training_rounds_relabel_with_the_model_and_keep_hand_labels(root, papers, taxonomy, tmp_path,
                                                                            monkeypatch):
     cfg = make_cfg(root, "trainer.epochs=1", "trainer.self_training.rounds=2", "trainer.self_training.epochs=1",
-                   "trainer.self_training.model_weight=0.5", "trainer.batch_size=8", "trainer.log_every=1")
-    split = pipeline.split_corpus(papers, {"dev": {"a": gold_set(papers, {i: ["nlp"] for i in range(8)})}},
-                                  taxonomy.ids)
+                   "trainer.self_training.model_weight=0.5", "trainer.batch_size=8", "trainer.log_every=1",
+                   f"paths.cache_dir={tmp_path / 'cache'}")
     weak = np.random.default_rng(0).random((40, len(taxonomy))).astype(np.float32)
-    targets, hand = pipeline.training_targets(papers, split, weak, gold_set(papers, {10: ["nlp"]}), taxonomy.ids)
+    data = data_of(cfg, tmp_path, papers, weak, {"dev": {"a": gold_set(papers, {i: ["nlp"] for i in range(8)})}},
+                   gold_set(papers, {10: ["nlp"]}), taxonomy)
+    targets, hand = np.array(data.train["labels"]), np.array(data.train["hand"])
     seen = []
     fit = pipeline.fit
 
-    def spy(t, accelerator, model, tokenizer, max_length, train_papers, train_targets, *args):
-        seen.append(train_targets.copy())
-        return fit(t, accelerator, model, tokenizer, max_length, train_papers, train_targets, *args)
+    def spy(t, accelerator, model, tokenizer, train_data, *args):
+        seen.append(np.array(train_data["labels"]))
+        return fit(t, accelerator, model, tokenizer, train_data, *args)
 
     monkeypatch.setattr(pipeline, "fit", spy)
     backbone = pipeline.load_model(cfg, taxonomy.ids)
     accelerator = pipeline.make_accelerator(cfg)
-    trained = pipeline.train(cfg, accelerator, backbone, papers, split, targets, hand, weak, taxonomy.ids, tmp_path)
+    trained = pipeline.train(cfg, accelerator, backbone, data, taxonomy.ids, tmp_path)
     assert len(trained.rounds) == 3 and all(r.losses for r in trained.rounds)
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["round-0", "round-1", "round-2"]
     np.testing.assert_array_equal(seen[0], targets)
@@ -81,7 +120,7 @@ def test_self_training_rounds_relabel_with_the_model_and_keep_hand_labels(root, 
         assert not np.allclose(later[~hand], targets[~hand])  # half the model's probabilities now
         np.testing.assert_array_equal(later[hand], targets[hand])  # hand labels stay
     # The mix is (weak + model) / 2, so it stays within half a unit of the weak labels.
-    assert np.abs(seen[1][~hand] - weak[split.train][~hand]).max() <= 0.5 + 1e-6
+    assert np.abs(seen[1][~hand] - weak[8:][~hand]).max() <= 0.5 + 1e-6
 
 
 def test_rule_table_covers_every_vote_pattern(taxonomy):
@@ -140,3 +179,12 @@ def test_a_malformed_rules_file_is_refused(blended_checkpoint):
 
 def test_a_single_speech_string_still_gets_its_tag(blended_checkpoint):
     assert "speech-audio" in Tagger.from_pretrained(blended_checkpoint).predict([f"{SPEECH[0]}. {SPEECH[1]}"])[0]["tags"]
+
+
+def test_the_tests_never_cache_into_the_checkout(root):
+    """bf16 embeddings depend slightly on their batch, so vectors a test left in the checkout's .cache made
+    the next `make train` of a fresh clone train a slightly different model; tests cache elsewhere."""
+    from pathlib import Path
+
+    cache = Path(make_cfg(root).paths.cache_dir).resolve()
+    assert not cache.is_relative_to(root) and cache == Path(os.environ["ABSTRACT_TAGGER_CACHE"]).resolve()

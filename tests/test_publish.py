@@ -10,11 +10,10 @@ import pytest
 import yaml
 from onnx import numpy_helper
 from safetensors import safe_open
-from helpers import TRAIN
+from helpers import TRAIN, run_publish
 
 from abstract_tagger import Tagger
 from abstract_tagger.onnx_export import export_onnx
-from abstract_tagger.publish import main
 
 
 HEADER = {"license": "apache-2.0", "base_model": "org/backbone", "model-index": [{"name": "abstract-tagger", "results": []}]}
@@ -31,7 +30,7 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
     out = tmp_path / "checkpoints"
     (out / "tiny").mkdir(parents=True)
     (out / "tiny/stale.txt").write_text("from an older publish")
-    main([str(run_dir), "name=tiny", f"out_dir={out}"])
+    run_publish(f"run_dir={run_dir}", "name=tiny", f"out_dir={out}")
     dest = out / "tiny"
     assert sorted(p.name for p in out.iterdir()) == ["tiny"]  # no temp or backup directory left
     assert not (dest / "stale.txt").exists()
@@ -73,7 +72,7 @@ def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, 
 
     monkeypatch.setattr(publish, "export_onnx", export_a_bad_fp32_graph)
     with pytest.raises(SystemExit, match=r"^error: ONNX graph\(s\) \['fp32'.*\] disagree with torch fp32"):
-        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}"])
+        run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}")
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
@@ -81,20 +80,20 @@ def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, 
                                       ("dev_sets.recent.papers=data/no_such.jsonl", "dev_sets.recent.papers")])
 def test_bad_agreement_settings_fail_before_any_work(run_dir, tmp_path, bad, key):
     with pytest.raises(SystemExit, match=f"^error: {key}="):
-        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}", bad])
+        run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}", bad)
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_publish_refuses_a_checkpoint_over_the_size_limit(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="^error: .*over max_mb=0.1"):
-        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}", "max_mb=0.1"])
+        run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}", "max_mb=0.1")
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_publish_refuses_pickle_weights(run_dir, tmp_path):
     (run_dir / "checkpoint/model.safetensors").rename(run_dir / "checkpoint/pytorch_model.bin")
     with pytest.raises(SystemExit, match="^error: .*only pickle weights"):
-        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}"])
+        run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}")
 
 
 def test_push_dry_run_lists_files_and_touches_no_network(run_dir, tmp_path, monkeypatch, capsys):
@@ -105,8 +104,8 @@ def test_push_dry_run_lists_files_and_touches_no_network(run_dir, tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub, "HfApi", no_network)
     monkeypatch.setattr(socket, "socket", no_network)
-    main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}", "push_to_hub=true", "repo_id=me/tagger",
-          "dry_run=true"])
+    run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}", "push_to_hub=true", "repo_id=me/tagger",
+            "dry_run=true")
     out = capsys.readouterr().out
     assert "dry run: would upload" in out and "https://huggingface.co/me/tagger" in out
     for name in ("model.safetensors", "model.onnx", "model_quantized.onnx", "config.json", "tokenizer.json",
@@ -116,4 +115,22 @@ def test_push_dry_run_lists_files_and_touches_no_network(run_dir, tmp_path, monk
 
 def test_push_needs_a_repo_id(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="repo_id"):
-        main([str(run_dir), f"out_dir={tmp_path / 'checkpoints'}", "push_to_hub=true", "dry_run=true"])
+        run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}", "push_to_hub=true", "dry_run=true")
+
+
+def test_publish_py_is_a_hydra_entry_point(root, run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    def publish_py(*args):
+        return subprocess.run([sys.executable, str(root / "publish.py"), *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+
+    out = tmp_path / "checkpoints"
+    proc = publish_py(f"run_dir={run_dir}", "name=tiny", f"out_dir={out}", "dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"dry run: {out / 'tiny'} left as it is" in proc.stdout and not out.exists()
+    missing = publish_py()
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "run_dir" in missing.stderr
+    assert "dev_sets" in publish_py("--help").stdout

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from helpers import fit, make_cfg, weights
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from abstract_tagger import Tagger, pipeline, training
+from abstract_tagger import Tagger, pipeline
 from abstract_tagger.checkpoint import export_checkpoint, load_thresholds
 from abstract_tagger.config_checks import ConfigError, validate
 from abstract_tagger.corpus import read_seed_dump
@@ -174,16 +174,17 @@ def test_review_ranks_biggest_disagreements_first(tmp_path, papers):
 
 
 def test_progress_in_a_log_file_is_one_line_per_refresh(monkeypatch):
-    """A log used to hold thousands of `\\r` frames on one line; off a terminal each refresh is a line."""
+    """A log used to hold thousands of `\\r` frames on one line; off a terminal each refresh is a line.
+    Training and predict.py share the bar."""
     import io
 
-    from tqdm.auto import tqdm
+    from abstract_tagger.progress import progress_bar
 
     log = io.StringIO()
     monkeypatch.setattr("sys.stderr", log)
-    style = training._progress_style()
-    assert style["mininterval"] == 60.0
-    bar = tqdm(total=30, unit="sample", **{**style, "mininterval": 0})
+    bar = progress_bar(total=30, unit="sample")
+    assert bar.mininterval == 60.0
+    bar.mininterval = 0
     for _ in range(3):
         bar.update(10)
     bar.close()

@@ -26,6 +26,16 @@ THRESHOLDS_FILE = "thresholds.json"
 TAXONOMY_FILE = "taxonomy.yaml"
 
 
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Move the finished folder `tmp` to `dest` by renames (the old `dest` set aside, then removed), so a
+    reader sees the old folder or the new one, never a half-written one."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_checkpoint(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -61,13 +71,7 @@ def export_checkpoint(
         (tmp / "README.md").write_text(card)
         if blend is not None:
             blend.save(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

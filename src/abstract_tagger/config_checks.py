@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -35,11 +35,12 @@ def exit_on_error(log: logging.Logger, *errors: type[BaseException]) -> Iterator
         yield
     except (ValueError, OSError, OmegaConfBaseException, *errors) as e:
         log.debug("traceback of the error below", exc_info=True)  # hydra.verbose=true shows it
+        message = str(e).splitlines()[0]  # OmegaConf adds full_key / object_type lines
         # Into the run's log file (train.py, label.py); where logs only go to the terminal (predict.py,
         # publish) the exit message is the one copy.
         if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
-            log.error("%s", e)
-        sys.exit(f"error: {e}")
+            log.error("%s", message)
+        sys.exit(f"error: {message}")
 
 
 def run_stamp() -> str:
@@ -100,6 +101,7 @@ def _validate_data(cfg: DictConfig) -> None:
             _require(path is None or Path(path).is_file(), f"data.gold.{split}.{name}", "file not found", path)
     _one_of(cfg, "data.on_error", ("raise", "skip"))
     _positive(cfg, "data.max_chars", integer=True)
+    _positive(cfg, "data.max_train_papers", integer=True, allow_none=True)
 
 
 def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
@@ -113,6 +115,8 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum",
                 "trainer.log_every", "trainer.keep_states", "model.max_length", "trainer.self_training.epochs"):
         _positive(cfg, key, integer=True)
+    _positive(cfg, "trainer.max_steps", integer=True, allow_none=True)
+    _positive(cfg, "export.review_pool", integer=True)
     st = t.self_training
     _require(isinstance(st.rounds, int) and st.rounds >= 0, "trainer.self_training.rounds", "must be an integer >= 0",
              st.rounds)
@@ -211,23 +215,22 @@ def validate_predict(cfg: DictConfig) -> None:
 
 
 def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
-    """`python -m abstract_tagger.publish`: checked before the published checkpoint is touched."""
+    """publish.py: checked before the published checkpoint is touched."""
     cfg = OmegaConf.create(dict(opts))
-    _require((run_dir / "checkpoint").is_dir(), "RUN_DIR", "has no checkpoint/ directory", str(run_dir))
+    _require((run_dir / "checkpoint").is_dir(), "run_dir", "has no checkpoint/ directory", str(run_dir))
     _require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
              "name", "must be a plain directory name", cfg.name)
     _require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
     _positive(cfg, "max_mb")
     _fraction(cfg, "max_score_diff")
     _fraction(cfg, "max_disagreement")
-    root = Path(__file__).resolve().parents[2]
     _require(isinstance(cfg.dev_sets, DictConfig) and len(cfg.dev_sets) > 0, "dev_sets",
              "must map a name to {gold: FILE, papers: FILE, format: FORMAT}", cfg.dev_sets)
     for name, spec in cfg.dev_sets.items():
         for key in ("gold", "papers"):
             value = OmegaConf.select(spec, key) if isinstance(spec, DictConfig) else None
-            _require(isinstance(value, str) and (root / value).is_file(), f"dev_sets.{name}.{key}",
-                     "file not found (paths are relative to the repo root)", value)
+            _require(isinstance(value, str) and Path(value).is_file(), f"dev_sets.{name}.{key}", "file not found",
+                     value)
     for key in ("push_to_hub", "private", "dry_run"):
         _one_of(cfg, key, (True, False))
     if cfg.push_to_hub:

@@ -231,7 +231,7 @@ def _make_paper(
         value = normalize_ws(value)
         if not value:
             return Reject(source, at, f"empty {name}")
-        if len(value) > max_chars:
+        if max_chars is not None and len(value) > max_chars:
             return Reject(source, at, f"{name} has {len(value)} characters, over the limit of {max_chars}")
         if _SURROGATE.search(value):
             return Reject(source, at, f"{name} is not valid UTF-8")
@@ -259,7 +259,7 @@ def _make_paper(
     )
 
 
-def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int = 20_000,
+def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int | None = None,
                    max_title_chars: int = _SEED_MAX_TITLE_CHARS,
                    min_abstract_chars: int = _SEED_MIN_ABSTRACT_CHARS) -> Iterator[Paper | Reject]:
     """The paper-listing page dump: two header lines, `Subscribe` glued to the first title, then
@@ -297,7 +297,7 @@ def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int 
                           abstract_line=aline)
 
 
-def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int = 20_000,
+def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int | None = None,
                fields: Mapping[str, str] | None = None) -> Iterator[Paper | Reject]:
     """JSON lines: `title`, `abstract`, optional `id` and `categories` (a list, or a space-separated
     string as in the arXiv metadata snapshot). Lines are read as bytes and decoded one by one, so a
@@ -339,7 +339,7 @@ def _parse_categories(value: str) -> Any:
     return value.replace(",", " ").split()
 
 
-def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int = 20_000,
+def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None = None,
              fields: Mapping[str, str] | None = None) -> Iterator[Paper | Reject]:
     """CSV with a header row and configurable column names (`fields` maps id/title/abstract/
     categories to columns). Quoted fields may span lines; a record's line is where it starts."""
@@ -409,7 +409,7 @@ def read_corpus(
     on_error: str = "raise",
     rejects_path: str | Path | None = None,
     dedupe: bool = True,
-    max_chars: int = 20_000,
+    max_chars: int | None = None,
     stats: CorpusStats | None = None,
 ) -> Iterator[Paper]:
     """Stream the papers of every configured source in order.
@@ -417,7 +417,8 @@ def read_corpus(
     `sources` maps a source name to {path, format?, id_prefix?, fields?}; ids default to
     `{name}-{line}` where a record has none. With on_error="skip", each bad record becomes a line
     {file, line, reason} of `rejects_path` (rewritten on each call), or a logged warning without one.
-    Pass a `CorpusStats` to read the accounting once the stream is exhausted.
+    Pass a `CorpusStats` to read the accounting once the stream is exhausted. `max_chars`: the longest
+    title or abstract kept (the entry points pass `data.max_chars`); None: no limit.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")

@@ -1,7 +1,9 @@
 """The training run, top to bottom:
 
-    weak labels -> split (gold papers held out) -> fit, then self-training rounds -> scores on the
-    corpus -> rule blend -> thresholds -> evaluation (dev, test) -> export -> review, charts, tracking
+    weak labels (streamed, cached) -> training data (gold papers held out in memory, the training
+    papers in an Arrow dataset on disk) -> fit, then self-training rounds -> the model's scores on the
+    held-out papers and a review pool -> rule blend -> thresholds -> evaluation (dev, test) -> export
+    -> review, charts, tracking
 
 Dev sets choose everything (blend weight, threshold policy and thresholds); test sets are only
 scored, with what was chosen on dev, so their numbers say what to expect on papers nobody tuned on.
@@ -25,71 +27,17 @@ from abstract_tagger import thresholds as thr
 from abstract_tagger import tracking
 from abstract_tagger.checkpoint import export_checkpoint, model_card
 from abstract_tagger.config_checks import validate
-from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_gold, read_gold_sets
+from abstract_tagger.corpus import Paper, read_gold, read_gold_sets
 from abstract_tagger.labeling.label_model import LearnedLabelModel
 from abstract_tagger.model import Backbone, load_backbone
 from abstract_tagger.rule_blend import RuleBlend, choose_weight, rule_functions
 from abstract_tagger.taxonomy import Taxonomy
-from abstract_tagger.training import FitResult, _loader, encode, fit, make_accelerator, predict_probs
+from abstract_tagger.training import FitResult, _loader, fit, make_accelerator, predict_probs
+from abstract_tagger.training_data import Split, TrainingData, papers_dataset, tokenize, training_data
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "state"
-
-
-# --- split ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """Row indices into the corpus: training papers and each gold set's papers (never trained on)."""
-
-    train: np.ndarray
-    sets: dict[str, np.ndarray]      # "dev/seed", "dev/recent", "test/recent", ... -> rows
-    labels: dict[str, np.ndarray]    # same keys -> 0/1 gold [papers, tags]
-
-    def of(self, split: str) -> list[str]:
-        return [name for name in self.sets if name.startswith(f"{split}/")]
-
-    def rows(self, split: str) -> np.ndarray:
-        return np.concatenate([self.sets[n] for n in self.of(split)] or [np.zeros(0, np.int64)])
-
-    def gold(self, split: str) -> np.ndarray:
-        return np.concatenate([self.labels[n] for n in self.of(split)])
-
-
-def split_corpus(papers: Sequence[Paper], gold_sets: Mapping[str, Mapping[str, GoldSet]],
-                 tag_ids: list[str]) -> Split:
-    """Every paper of a gold set is held out of training (joined by id, checked by title)."""
-    sets, labels = {}, {}
-    held_out = np.zeros(len(papers), dtype=bool)
-    for split, named in gold_sets.items():
-        for name, gold in named.items():
-            sets[f"{split}/{name}"] = gold.rows(papers)
-            labels[f"{split}/{name}"] = gold.labels(tag_ids)
-            held_out[sets[f"{split}/{name}"]] = True
-    if not any(k.startswith("dev/") for k in sets):
-        raise ValueError("data.gold.dev: at least one dev set is needed to choose thresholds and score")
-    return Split(np.flatnonzero(~held_out), sets, labels)
-
-
-def training_targets(papers: Sequence[Paper], split: Split, weak_probs: np.ndarray, gold_train: GoldSet | None,
-                     tag_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Soft targets of the training rows, with hand labels (`data.gold_train`) as hard targets where given.
-    Returns (targets, mask of the hand-labelled training rows)."""
-    targets = weak_probs[split.train].astype(np.float32)
-    hand = np.zeros(len(split.train), dtype=bool)
-    if gold_train is not None:
-        rows = gold_train.rows(papers)
-        position = {int(r): i for i, r in enumerate(split.train)}
-        for pid, r in zip(gold_train.tags, rows):
-            if int(r) not in position:
-                raise CorpusError(gold_train.path, gold_train.lines[pid], f"{pid}: is in a dev or test gold set; "
-                                  "hand labels of held-out papers cannot be training targets")
-        at = np.array([position[int(r)] for r in rows], dtype=np.int64)
-        targets[at] = gold_train.labels(tag_ids)
-        hand[at] = True
-    return targets, hand
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -110,35 +58,41 @@ class Trained:
         return seen / self.seconds if self.seconds else 0.0
 
 
-def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, papers: Sequence[Paper], split: Split,
-          targets: np.ndarray, hand: np.ndarray, weak_probs: np.ndarray, tag_ids: list[str],
+def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: TrainingData, tag_ids: list[str],
           run_dir: Path) -> Trained:
     """Fit on the weak targets, then `trainer.self_training.rounds` rounds: relabel the training papers
     with a mix of the model's and the labelling functions' probabilities and continue training on them
     (hand labels stay). The model learns what the two agree on and smooths what each gets wrong alone."""
     t, st = cfg.trainer, cfg.trainer.self_training
     model = accelerator.prepare(backbone.model)
-    train_papers = [papers[i] for i in split.train]
-    dev_rows = split.rows("dev")
-    dev_papers, dev_gold = [papers[i] for i in dev_rows], split.gold("dev")
+    tokenizer, max_length = backbone.tokenizer, cfg.model.max_length
+    with accelerator.main_process_first():  # tokenised once into the cache; the other ranks read it
+        train_data = tokenize(data.train, tokenizer, max_length)
+    dev_rows = data.split.rows("dev")
+    dev_data = tokenize(papers_dataset([data.held_out[i] for i in dev_rows]), tokenizer, max_length)
+    dev_gold = data.split.gold("dev")
     trained = Trained(backbone)
+    round_data = train_data
     for r in range(st.rounds + 1):
         if r:
-            probs = corpus_probs(cfg, accelerator, model, backbone.tokenizer, train_papers)
-            mixed = (1 - st.model_weight) * weak_probs[split.train] + st.model_weight * probs
-            targets = np.where(hand[:, None], targets, mixed).astype(np.float32)
+            probs = model_probs(cfg, accelerator, model, tokenizer, train_data)
+            columns = train_data.select_columns(["labels", "hand"]).with_format("numpy")
+            weak, hand = np.stack(columns["labels"]), np.asarray(columns["hand"])
+            mixed = np.where(hand[:, None], weak, (1 - st.model_weight) * weak + st.model_weight * probs)
+            round_data = train_data.remove_columns("labels").add_column(
+                "labels", mixed.astype(np.float32).tolist(), feature=train_data.features["labels"])
             accelerator.print(f"self-training round {r}: targets = {1 - st.model_weight:g} x weak labels + "
                               f"{st.model_weight:g} x model")
-        trained.rounds.append(fit(t, accelerator, model, backbone.tokenizer, cfg.model.max_length, train_papers,
-                                  targets, dev_papers, dev_gold, tag_ids, run_dir / STATE_DIR / f"round-{r}",
-                                  t.epochs if r == 0 else st.epochs))
+        trained.rounds.append(fit(t, accelerator, model, tokenizer, round_data, dev_data, dev_gold, tag_ids,
+                                  run_dir / STATE_DIR / f"round-{r}", t.epochs if r == 0 else st.epochs))
     backbone.model = model
     return trained
 
 
-def corpus_probs(cfg: DictConfig, accelerator: Accelerator, model, tokenizer, papers: Sequence[Paper]) -> np.ndarray:
-    loader = accelerator.prepare(_loader(encode(tokenizer, papers, cfg.model.max_length), tokenizer,
-                                         cfg.trainer.eval_batch_size, False, cfg.trainer.num_workers))
+def model_probs(cfg: DictConfig, accelerator: Accelerator, model, tokenizer, data) -> np.ndarray:
+    """The model's probabilities for every row of a tokenised dataset."""
+    loader = accelerator.prepare(_loader(data, tokenizer, cfg.trainer.eval_batch_size, False,
+                                         cfg.trainer.num_workers))
     return predict_probs(accelerator, model, loader)
 
 
@@ -170,22 +124,26 @@ class Evaluation:
     thresholds: dict[str, float]
 
 
-def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, papers: Sequence[Paper], split: Split,
-              model_probs: np.ndarray) -> tuple[RuleBlend | None, dict[float, float], np.ndarray]:
+def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, data: TrainingData, pool: Sequence[Paper],
+              pool_probs: np.ndarray) -> tuple[RuleBlend | None, dict[float, float], np.ndarray]:
     """The rule blend (None where `rule_blend.weights` is [0]), every candidate weight's k-fold dev
-    score, and the probabilities it ships for every paper. The rule functions vote once on every
-    paper: the label model is fitted on the training papers' votes, the weight chosen on dev."""
+    score, and the probabilities it ships for every paper of `pool` (the held-out papers, then the first
+    training papers). Its label model is fitted on the rule votes of the first `labeling.fit_max_records`
+    training papers; the rule functions vote once on each paper."""
     if list(cfg.rule_blend.weights) == [0.0]:
-        return None, {0.0: 0.0}, model_probs
+        return None, {0.0: 0.0}, pool_probs
     min_hits = cfg.labeling.keywords.min_abstract_hits
-    votes = rule_functions(taxonomy, min_hits)(papers)
-    blend = RuleBlend.fit(taxonomy, min_hits, votes[split.train], LearnedLabelModel(cfg.labeling.label_model))
-    rule_probs = blend.probs_from_votes(votes)
-    dev_rows = split.rows("dev")
-    weights = choose_weight(model_probs[dev_rows], rule_probs[dev_rows], split.gold("dev"), taxonomy.ids,
+    rules = rule_functions(taxonomy, min_hits)
+    n_review = len(pool) - len(data.held_out)
+    n_fit = min(cfg.labeling.fit_max_records, len(data.train))
+    train_votes = np.concatenate([rules(batch) for batch in data.train_papers(max(n_fit, n_review))])
+    blend = RuleBlend.fit(taxonomy, min_hits, train_votes[:n_fit], LearnedLabelModel(cfg.labeling.label_model))
+    rule_probs = blend.probs_from_votes(np.concatenate([rules(data.held_out), train_votes[:n_review]]))
+    dev_rows = data.split.rows("dev")
+    weights = choose_weight(pool_probs[dev_rows], rule_probs[dev_rows], data.split.gold("dev"), taxonomy.ids,
                             cfg.rule_blend.weights, OmegaConf.to_container(cfg.thresholds, resolve=True), cfg.seed)
     blend.weight = max(weights, key=lambda w: (round(weights[w], 6), -w))  # the lowest weight among equals
-    return blend, weights, blend.mix(model_probs, rule_probs)
+    return blend, weights, blend.mix(pool_probs, rule_probs)
 
 
 def evaluate_run(cfg: DictConfig, split: Split, model_probs: np.ndarray, shipped_probs: np.ndarray,
@@ -262,46 +220,51 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(run_dir[0])
     tracking.start(accelerator, cfg, run_dir)
 
-    with accelerator.main_process_first():
-        weak = build_weak_labels(cfg)
+    weak = build_weak_labels(cfg)  # every rank: they share the voting
     if weak.tag_ids != tag_ids:
         raise ValueError(f"weak labels are over {weak.tag_ids}, the taxonomy over {tag_ids}")
-    papers = weak.papers
-    split = split_corpus(papers, read_gold_sets(cfg.data.gold, tag_ids), tag_ids)
     gold_train = read_gold(cfg.data.gold_train, tag_ids) if cfg.data.gold_train else None
-    targets, hand = training_targets(papers, split, weak.probs, gold_train, tag_ids)
-    accelerator.print(f"{len(papers)} papers: {len(split.train)} train ({int(hand.sum())} hand-labelled), "
-                      + ", ".join(f"{len(rows)} {name}" for name, rows in split.sets.items()) + " (held out)")
+    with accelerator.main_process_first():  # built once into the cache; the other ranks read it
+        data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), gold_train, tag_ids)
+    accelerator.print(f"{data.n_corpus} papers: {len(data.train)} train ({data.n_hand} hand-labelled), "
+                      + ", ".join(f"{len(rows)} {name}" for name, rows in data.split.sets.items()) + " (held out)")
     if accelerator.is_main_process:
         weak.write(run_dir)
 
-    trained = train(cfg, accelerator, backbone, papers, split, targets, hand, weak.probs, tag_ids, run_dir)
-    probs = corpus_probs(cfg, accelerator, trained.backbone.model, trained.backbone.tokenizer, papers)
+    trained = train(cfg, accelerator, backbone, data, tag_ids, run_dir)
+    # Scored after training: every held-out paper, then the first training papers (for review.jsonl).
+    n_review = min(cfg.export.review_pool, len(data.train))
+    pool = data.held_out + [p for batch in data.train_papers(n_review) for p in batch]
+    pool_weak = np.concatenate([data.held_out_weak, np.asarray(data.train.select(range(n_review))
+                                                               .with_format("numpy")["labels"]).reshape(-1, len(tag_ids))])
+    probs = model_probs(cfg, accelerator, trained.backbone.model, trained.backbone.tokenizer,
+                        tokenize(papers_dataset(pool), trained.backbone.tokenizer, cfg.model.max_length))
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        blend, weights, shipped = fit_blend(cfg, taxonomy, papers, split, probs)
-        evaluation = evaluate_run(cfg, split, probs, shipped, weak.probs, blend.weight if blend else 0.0, weights,
-                                  tag_ids)
-        summary = _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, shipped, trained, evaluation,
-                                     blend, run_dir)
+        blend, weights, shipped = fit_blend(cfg, taxonomy, data, pool, probs)
+        evaluation = evaluate_run(cfg, data.split, probs, shipped, pool_weak, blend.weight if blend else 0.0,
+                                  weights, tag_ids)
+        summary = _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, shipped, trained,
+                                     evaluation, blend, run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, shipped, trained, evaluation, blend,
+def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, shipped, trained, evaluation, blend,
                        run_dir) -> dict[str, Any]:
     """Main process: checkpoint, review.jsonl, charts, tracking, metrics.json. `shipped`: the
-    probabilities predict.py gives every paper (the model's, blended with the rules where shipped)."""
+    probabilities predict.py gives every paper of `pool` (the model's, blended with the rules where shipped)."""
     tag_ids = taxonomy.ids
     t = cfg.trainer
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     corpus = {"sources": {n: s["kept"] for n, s in weak.report["corpus"]["per_source"].items()},
-              "train": len(split.train), "held_out": {n: len(r) for n, r in split.sets.items()}}
+              "train": len(data.train), "held_out": {n: len(r) for n, r in data.split.sets.items()}}
     training = {"epochs": t.epochs, "self_training_rounds": t.self_training.rounds,
                 "self_training_epochs": t.self_training.epochs, "self_training_model_weight": t.self_training.model_weight,
                 "batch_size": t.batch_size * accelerator.num_processes * t.grad_accum,
                 "max_length": cfg.model.max_length, "lr": t.lr, "head_lr": t.head_lr or t.lr,
-                "precision": accelerator.mixed_precision, "seed": cfg.seed, "threshold_folds": cfg.thresholds.folds}
+                "precision": precision, "seed": cfg.seed, "threshold_folds": cfg.thresholds.folds}
     card = model_card(backbone=trained.backbone.source, taxonomy=taxonomy, evaluation=evaluation, corpus=corpus,
                       labeling={"functions": weak.report["functions"]}, training=training)
     model = accelerator.unwrap_model(trained.backbone.model)
@@ -309,9 +272,10 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, shipped,
                                    thresholds=evaluation.thresholds, taxonomy=taxonomy,
                                    max_length=cfg.model.max_length, dtype=cfg.export.dtype, card=card, blend=blend)
     cut = np.array([evaluation.thresholds[tg] for tg in tag_ids])
-    gold_tags = {papers[r].id: [tg for tg, on in zip(tag_ids, y) if on]
+    split = data.split
+    gold_tags = {pool[r].id: [tg for tg, on in zip(tag_ids, y) if on]
                  for name in split.sets for r, y in zip(split.sets[name], split.labels[name])}
-    write_review(run_dir / "review.jsonl", papers, shipped, weak.probs, cut, weak.threshold, tag_ids, gold_tags,
+    write_review(run_dir / "review.jsonl", pool, shipped, pool_weak, cut, weak.threshold, tag_ids, gold_tags,
                  cfg.export.review_size)
 
     dev = evaluation.sets["dev"]
@@ -337,7 +301,7 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, papers, split, shipped,
         "corpus": corpus,
         "train_seconds": round(trained.seconds, 1),
         "train_samples_per_s": round(trained.samples_per_s, 2),
-        "precision": accelerator.mixed_precision,
+        "precision": precision,
         "num_processes": accelerator.num_processes,
         "threshold_policy": evaluation.threshold_policy,
         "threshold_policy_candidates": evaluation.policy_candidates,

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from abstract_tagger.config_checks import validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
 from abstract_tagger.prediction import Tagger, choose_backend
+from abstract_tagger.progress import progress_bar
 
 log = logging.getLogger(__name__)
 _SCORE_DECIMALS = 4
@@ -201,7 +201,7 @@ def predict_file(
     *,
     format: str | None = None,
     fields: Mapping[str, str] | None = None,
-    max_chars: int = 20_000,
+    max_chars: int | None = None,
     chunk_size: int = 1024,
     shard: tuple[int, int] = (0, 1),
     resume: bool = False,
@@ -234,7 +234,7 @@ def predict_file(
     fmt = format or ("jsonl" if str(input) == "-" else None)
     records = read_source(input, fmt, max_chars=max_chars, **({"fields": dict(fields)} if fields else {}))
     run = _Run(files, rows, settings, resume)
-    bar = tqdm(unit="abstract", unit_scale=True, dynamic_ncols=True, disable=not progress, initial=run.stats.read)
+    bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
     try:
         for k, chunk in enumerate(batched(records, chunk_size)):
             if k % count != index or k // count < run.done:

@@ -1,6 +1,7 @@
-"""Publish a training run's exported checkpoint as the repo's shipped model.
+"""Publish a training run's exported checkpoint as the repo's shipped model (`publish.py`, the entry
+point, calls `publish_from_config`):
 
-    python -m abstract_tagger.publish RUN_DIR [name=abstract-tagger-minilm] [out_dir=checkpoints]
+    python publish.py run_dir=RUN_DIR [name=abstract-tagger-minilm] [out_dir=checkpoints]
         [push_to_hub=true repo_id=USER/abstract-tagger-minilm private=false dry_run=true]
 
 Copies RUN_DIR/checkpoint with the weights cast to fp16 safetensors (half the size; scores move by
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -29,33 +29,18 @@ from typing import Any
 
 import numpy as np
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from abstract_tagger.config_checks import exit_on_error, validate_publish
+from abstract_tagger.checkpoint import swap_in
+from abstract_tagger.config_checks import validate_publish
 from abstract_tagger.corpus import Paper, read_gold, read_source
 from abstract_tagger.onnx_export import export_onnx
 from abstract_tagger.prediction import Tagger, check_checkpoint
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULTS: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/publish.yaml"))
 _WEIGHTS = "model.safetensors"
-
-
-def parse_args(argv: Sequence[str]) -> tuple[Path, dict[str, Any]]:
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) != 1:
-        raise SystemExit(
-            f"usage: python -m abstract_tagger.publish RUN_DIR [key=value ...]; keys: {', '.join(DEFAULTS)}"
-        )
-    overrides = OmegaConf.to_container(OmegaConf.from_dotlist([a for a in argv if "=" in a]))
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise SystemExit(f"unknown option(s) {unknown}; known: {', '.join(DEFAULTS)}")
-    # Merged key by key: dev_sets.recent.papers=FILE replaces that one path, not the whole of dev_sets.
-    return Path(positional[0]), OmegaConf.to_container(OmegaConf.merge(DEFAULTS, overrides))
 
 
 def write_fp16(src: Path, dst: Path) -> None:
@@ -94,8 +79,8 @@ def dev_texts(dev_sets: Mapping[str, Mapping[str, Any]], tag_ids: Sequence[str])
     """The texts of every dev gold set's papers, found by id in its corpus file and checked by title."""
     texts = []
     for spec in dev_sets.values():
-        gold = read_gold(ROOT / spec["gold"], tag_ids)
-        papers = [p for p in read_source(ROOT / spec["papers"], spec.get("format")) if isinstance(p, Paper)]
+        gold = read_gold(spec["gold"], tag_ids)
+        papers = [p for p in read_source(spec["papers"], spec.get("format")) if isinstance(p, Paper)]
         texts += [papers[i].text for i in gold.rows(papers)]
     return texts
 
@@ -144,7 +129,7 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
     src = check_checkpoint(run_dir / "checkpoint")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dest, tmp, old = out_dir / name, out_dir / f".{name}.tmp-{os.getpid()}", out_dir / f".{name}.old-{os.getpid()}"
+    dest, tmp = out_dir / name, out_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_fp16(src, tmp)
@@ -171,12 +156,9 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         (tmp / "README.md").write_text(onnx_card(card, agreement=agreement, n_dev=len(texts),
                                                  max_disagreement=max_disagreement))
         _readable(tmp)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
+        swap_in(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     print(f"published {src} -> {dest} ({size:.1f} MB)")
     return dest
 
@@ -198,19 +180,18 @@ def push(folder: Path, *, repo_id: str | None, private: bool, dry_run: bool) -> 
     print(f"uploaded to {info}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run_dir, opts = parse_args(sys.argv[1:] if argv is None else argv)
-    with exit_on_error(log):
-        validate_publish(run_dir, opts)
-        dry_run = opts["dry_run"]
-        with tempfile.TemporaryDirectory() if dry_run else nullcontext(opts["out_dir"]) as out_dir:
-            dest = publish(run_dir, out_dir=out_dir, **{k: opts[k] for k in (
-                "name", "max_mb", "max_score_diff", "max_disagreement", "dev_sets")})
-            if dry_run:
-                print(f"dry run: {Path(opts['out_dir']) / opts['name']} left as it is")
-            if opts["push_to_hub"]:
-                push(dest, repo_id=opts["repo_id"], private=opts["private"], dry_run=dry_run)
-
-
-if __name__ == "__main__":
-    main()
+def publish_from_config(cfg: DictConfig) -> None:
+    """`cfg`: conf/publish.yaml as composed by `publish.py` (the `paths` and `data` groups only feed
+    its interpolations)."""
+    opts = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k not in ("paths", "data")}
+    run_dir = Path(opts["run_dir"])
+    validate_publish(run_dir, opts)
+    dry_run = opts["dry_run"]
+    with tempfile.TemporaryDirectory() if dry_run else nullcontext(opts["out_dir"]) as out_dir:
+        dest = publish(run_dir, out_dir=out_dir, **{k: opts[k] for k in (
+            "name", "max_mb", "max_score_diff", "max_disagreement", "dev_sets")})
+        if dry_run:
+            print(f"dry run: {Path(opts['out_dir']) / opts['name']} left as it is")
+        if opts["push_to_hub"]:
+            push(dest, repo_id=opts["repo_id"], private=opts["private"], dry_run=dry_run)

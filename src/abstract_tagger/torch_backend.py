@@ -4,7 +4,6 @@ natively, fp32 for the exact pass."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +13,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from abstract_tagger.prediction import TORCH_PRECISIONS as PRECISIONS
 from abstract_tagger.prediction import Backend, CheckpointError, recheck_margin_for
+from abstract_tagger.runtime import fast_precision
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@cache
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: where bf16 matmuls are ~3x fp32 rather than emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`; None means plain fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} for backend=torch, got {precision!r}")
-    if precision != "auto":
-        return _AUTOCAST_DTYPES[precision]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
+    return _AUTOCAST_DTYPES[fast_precision(device.type) if precision == "auto" else precision]
 
 
 class TorchBackend(Backend):

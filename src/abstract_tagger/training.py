@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,11 +23,12 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
 from omegaconf import DictConfig
+from datasets import Dataset
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 
-from abstract_tagger.corpus import Paper
+from abstract_tagger.progress import progress_bar
+from abstract_tagger.runtime import cpu_launch, fast_precision
 from abstract_tagger.thresholds import score
 
 log = logging.getLogger(__name__)
@@ -46,22 +44,16 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto`: bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16)."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "no"
+    """`trainer.precision` (auto | fp32 | bf16 | fp16) as Accelerate's `mixed_precision` (no | bf16 | fp16)."""
+    if precision == "auto":
+        precision = fast_precision("cuda" if torch.cuda.is_available() else "cpu")
+    return "no" if precision == "fp32" else precision
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(
         # Accelerate only runs multi-process on CPU (gloo) when told it is on CPU.
-        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+        cpu=cpu_launch(),
         mixed_precision=resolve_precision(cfg.trainer.precision),
         gradient_accumulation_steps=cfg.trainer.grad_accum,
         log_with=cfg.logger.backend,
@@ -70,27 +62,12 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     )
 
 
-class _Encoded(torch.utils.data.Dataset):
-    def __init__(self, encodings: dict[str, list], labels: np.ndarray | None):
-        self.encodings, self.labels = encodings, labels
-
-    def __len__(self) -> int:
-        return len(self.encodings["input_ids"])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {k: v[i] for k, v in self.encodings.items()}
-        if self.labels is not None:
-            item["labels"] = self.labels[i].tolist()
-        return item
-
-
-def encode(tokenizer, papers: Sequence[Paper], max_length: int, labels: np.ndarray | None = None) -> _Encoded:
-    return _Encoded(dict(tokenizer([p.text for p in papers], truncation=True, max_length=max_length)), labels)
-
-
-def _loader(dataset: _Encoded, tokenizer, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=DataCollatorWithPadding(tokenizer), generator=torch.Generator() if shuffle else None)
+def _loader(dataset, tokenizer, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+    """Batches of a tokenised dataset (`training_data.tokenize`): model inputs and `labels`, padded per batch."""
+    columns = [c for c in (*tokenizer.model_input_names, "labels") if c in dataset.column_names]
+    return DataLoader(dataset.select_columns(columns), batch_size=batch_size, shuffle=shuffle,
+                      num_workers=num_workers, collate_fn=DataCollatorWithPadding(tokenizer),
+                      generator=torch.Generator() if shuffle else None)
 
 
 @torch.no_grad()
@@ -119,13 +96,16 @@ def _optimizer(model, lr: float, head_lr: float | None, weight_decay: float) -> 
     ], fused=True)  # one kernel per step on CPU and CUDA (what Trainer's default adamw_torch_fused does)
 
 
-def _pos_weight(spec, tag_ids: list[str], probs: np.ndarray, cap: float) -> torch.Tensor | None:
+def _pos_weight(spec, tag_ids: list[str], train_data: Dataset, cap: float) -> torch.Tensor | None:
     if spec is None:
         return None
     if spec == "auto":
-        # negatives/positives in expectation under the soft targets, capped so rare tags do not explode.
-        pos = probs.sum(0)
-        return torch.tensor(np.clip((len(probs) - pos) / np.maximum(pos, 1e-6), 1.0, cap), dtype=torch.float32)
+        # negatives/positives in expectation under the soft targets, capped so rare tags do not explode;
+        # summed batch by batch, so a corpus of millions is never in memory.
+        pos = np.zeros(len(tag_ids), dtype=np.float32)  # float32 as the targets: same weights as one sum
+        for batch in train_data.select_columns(["labels"]).with_format("numpy").iter(batch_size=65536):
+            pos += batch["labels"].sum(0)
+        return torch.tensor(np.clip((len(train_data) - pos) / np.maximum(pos, 1e-6), 1.0, cap), dtype=torch.float32)
     return torch.tensor([float(spec.get(t, 1.0)) for t in tag_ids], dtype=torch.float32)
 
 
@@ -160,30 +140,34 @@ def fit(
     accelerator: Accelerator,
     model,
     tokenizer,
-    max_length: int,
-    train_papers: Sequence[Paper],
-    train_targets: np.ndarray,
-    dev_papers: Sequence[Paper],
+    train_data: Dataset,
+    dev_data: Dataset,
     dev_gold: np.ndarray,
     tag_ids: list[str],
     state_root: Path,
     epochs: int,
 ) -> FitResult:
-    """Fine-tune the prepared `model` on soft targets for `epochs` epochs (`t` is the trainer config);
-    score dev each epoch. States go to `state_root`, so a killed run continues with trainer.resume=auto."""
-    train_loader = _loader(encode(tokenizer, train_papers, max_length, train_targets.astype(np.float32)),
-                           tokenizer, t.batch_size, True, t.num_workers)
-    dev_loader = _loader(encode(tokenizer, dev_papers, max_length), tokenizer, t.eval_batch_size, False,
-                         t.num_workers)
+    """Fine-tune the prepared `model` on the soft `labels` of `train_data` (tokenised) for `epochs`
+    epochs, or `t.max_steps` optimizer steps where set (`t` is the trainer config); score dev each
+    epoch. States go to `state_root`, so a killed run continues with trainer.resume=auto."""
+    train_loader = _loader(train_data, tokenizer, t.batch_size, True, t.num_workers)
+    dev_loader = _loader(dev_data, tokenizer, t.eval_batch_size, False, t.num_workers)
     optimizer = _optimizer(model, t.lr, t.head_lr, t.weight_decay)
-    batches_per_epoch = math.ceil(len(train_papers) / (t.batch_size * accelerator.num_processes))
+    batches_per_epoch = math.ceil(len(train_data) / (t.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
-    total_steps = steps_per_epoch * epochs
+    total_batches = batches_per_epoch * epochs
+    if t.max_steps is not None:
+        # A budget in optimizer steps: as many epochs as it takes, the last one possibly cut short.
+        full, rest = divmod(t.max_steps, steps_per_epoch)
+        total_batches = full * batches_per_epoch + min(rest * t.grad_accum, batches_per_epoch)
+        epochs = math.ceil(total_batches / batches_per_epoch)
 
     def optimizer_steps(batches: int) -> int:
         """Optimizer steps after `batches` batches; every epoch ends with a step (accumulation flushes)."""
         done_epochs, rest = divmod(batches, batches_per_epoch)
         return done_epochs * steps_per_epoch + math.ceil(rest / t.grad_accum)
+
+    total_steps = optimizer_steps(total_batches)
 
     # Accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler(t.scheduler, optimizer,
@@ -191,7 +175,7 @@ def fit(
                               num_training_steps=total_steps * accelerator.num_processes)
     optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(optimizer, train_loader, dev_loader,
                                                                          scheduler)
-    pos_weight = _pos_weight(t.pos_weight, tag_ids, train_targets, t.pos_weight_cap)
+    pos_weight = _pos_weight(t.pos_weight, tag_ids, train_data, t.pos_weight_cap)
     loss_fn = torch.nn.BCEWithLogitsLoss(
         pos_weight=pos_weight.to(accelerator.device) if pos_weight is not None else None)
 
@@ -205,7 +189,7 @@ def fit(
         done_batches = int(resume_from.name.split("-")[1])
         if (resume_from / HISTORY_FILE).is_file():
             result = FitResult(**json.loads((resume_from / HISTORY_FILE).read_text()))
-        accelerator.print(f"resumed from {resume_from} (batch {done_batches} of {batches_per_epoch * epochs})")
+        accelerator.print(f"resumed from {resume_from} (batch {done_batches} of {total_batches})")
     elif t.resume == "auto":
         accelerator.print(f"trainer.resume=auto: no state under {state_root}, starting fresh")
 
@@ -236,10 +220,12 @@ def fit(
         accelerator.wait_for_everyone()
 
     global_batch = t.batch_size * accelerator.num_processes
-    bar = tqdm(total=batches_per_epoch * epochs * global_batch, initial=done_batches * global_batch,
-               unit="sample", unit_scale=True, disable=not accelerator.is_local_main_process, **_progress_style())
+    bar = progress_bar(total=total_batches * global_batch, initial=done_batches * global_batch, unit="sample",
+                       unit_scale=True, disable=not accelerator.is_local_main_process)
     model.train()
     for epoch in range(done_batches // batches_per_epoch, epochs):
+        if done_batches >= total_batches:  # resumed from the state saved at the end of the budget
+            break
         epoch_start = time.perf_counter()
         skip = done_batches - epoch * batches_per_epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -262,7 +248,8 @@ def fit(
             if not accelerator.sync_gradients:
                 continue
             step = optimizer_steps(done_batches)
-            if step % t.log_every == 0 or done_batches % batches_per_epoch == 0:
+            last = done_batches % batches_per_epoch == 0 or done_batches == total_batches
+            if step % t.log_every == 0 or last:
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
                 check_finite(mean_loss)
                 result.steps.append(step)
@@ -270,6 +257,8 @@ def fit(
                 accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                                  "train/epoch": done_batches / batches_per_epoch}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, refresh=False)
+            if done_batches == total_batches:
+                break
             if t.save_every and step % t.save_every == 0 and done_batches % batches_per_epoch:
                 save_state(mid_epoch=True)
         result.seconds += time.perf_counter() - epoch_start
@@ -286,25 +275,3 @@ def fit(
     bar.close()
     result.samples_per_s = result.seen / result.seconds if result.seconds else 0.0
     return result
-
-
-class _LineWriter:
-    """tqdm output for logs: each refresh becomes one line instead of a `\r`-rewritten frame."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").strip()
-        if text:
-            self.stream.write(text + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _progress_style() -> dict[str, Any]:
-    """A live bar on a terminal; in a log file, one progress line a minute."""
-    if sys.stderr.isatty():
-        return {"dynamic_ncols": True}
-    return {"file": _LineWriter(sys.stderr), "mininterval": 60.0, "maxinterval": 60.0, "ncols": 100}

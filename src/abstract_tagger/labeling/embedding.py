@@ -7,10 +7,10 @@ margin or the corpus mix re-embeds nothing that was embedded before.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,50 +37,62 @@ def text_key(text: str) -> bytes:
 
 
 class EmbeddingCache:
-    """An append-only {text hash: vector} store in one `.npz` file per model.
+    """An append-only {text hash: vector} store: a folder of segments, one per `add`, each a pair of
+    `.npy` files (keys [n, 16] raw bytes, vectors [n, dim]).
 
-    Keys are stored as raw [n, 16] bytes: numpy's `S16` strings drop trailing NUL bytes, which once
-    made one key in 256 unreadable and then shifted every later vector onto the wrong text. Writers
-    take a lock and merge with what another process saved meanwhile (label.py beside train.py,
-    ranks of one launch), so no entry is lost or misplaced.
+    A segment is never rewritten, so adding to a store of millions costs what the new vectors cost,
+    and vectors are memory-mapped, so a big store costs disk rather than RAM. Writers need no lock:
+    each segment has its own name (process id and a counter) and appears by an atomic rename, keys
+    last, so a reader sees whole segments only; processes that add at once (ranks of one launch,
+    label.py beside train.py) each keep their own. Keys are raw bytes: numpy's `S16` strings drop
+    trailing NUL bytes, which once made one key in 256 unreadable and shifted later vectors onto
+    the wrong texts.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.index: dict[bytes, int] = {}
-        self.vectors = np.empty((0, 0), dtype=np.float32)
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.index: dict[bytes, tuple[int, int]] = {}  # key -> (segment, row)
+        self.segments: list[np.ndarray] = []
+        self._seen: set[str] = set()
+        self._added = 0
         self._load()
 
     def _load(self) -> None:
-        if not self.path.is_file():
-            return
-        with np.load(self.path, allow_pickle=False) as stored:
-            keys, vectors = stored["keys"], stored["vectors"]
-        if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or len(keys) != len(vectors):
-            log.warning("%s: keys and vectors do not line up; ignoring this embedding store", self.path)
-            return
-        self.vectors = vectors
-        self.index = {k.tobytes(): i for i, k in enumerate(keys)}
+        """Index the segments other processes (or earlier runs) finished since the last look."""
+        for keys_file in sorted(self.folder.glob("*.keys.npy")):
+            if keys_file.name in self._seen:
+                continue
+            self._seen.add(keys_file.name)
+            keys = np.load(keys_file, allow_pickle=False)
+            vectors = np.load(keys_file.with_name(keys_file.name.replace(".keys.", ".vectors.")), mmap_mode="r",
+                              allow_pickle=False)
+            if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or len(keys) != len(vectors):
+                log.warning("%s: keys and vectors do not line up; ignoring this segment", keys_file)
+                continue
+            self.segments.append(vectors)
+            segment = len(self.segments) - 1
+            for row, key in enumerate(keys):
+                self.index.setdefault(key.tobytes(), (segment, row))
 
     def get(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
-        return [self.vectors[self.index[k]] if k in self.index else None for k in keys]
+        found = [self.index.get(k) for k in keys]
+        return [None if at is None else np.asarray(self.segments[at[0]][at[1]]) for at in found]
 
     def add(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._load()  # what other processes added since
-            new = [(k, v) for k, v in zip(keys, vectors) if k not in self.index]
-            if not new:
-                return
-            start = len(self.index)
-            rows = np.stack([v for _, v in new])
-            self.vectors = rows if not start else np.concatenate([self.vectors, rows])
-            self.index.update((k, start + i) for i, (k, _) in enumerate(new))
-            tmp = self.path.with_suffix(f".tmp-{os.getpid()}.npz")
-            stored_keys = np.frombuffer(b"".join(self.index), dtype=np.uint8).reshape(-1, KEY_BYTES)
-            np.savez(tmp, keys=stored_keys, vectors=self.vectors)
-            tmp.replace(self.path)
+        self._load()  # what other processes added since: not stored twice
+        new = [(k, v) for k, v in zip(keys, vectors) if k not in self.index]
+        if not new:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns()}-{os.getpid()}-{self._added}"
+        self._added += 1
+        stored_keys = np.frombuffer(b"".join(k for k, _ in new), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        for kind, array in (("vectors", np.stack([v for _, v in new])), ("keys", stored_keys)):
+            tmp = self.folder / f".{name}.{kind}.npy.partial"
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            tmp.replace(self.folder / f"{name}.{kind}.npy")
+        self._load()
 
 
 class SentenceEncoder:
@@ -97,7 +109,7 @@ class SentenceEncoder:
 
         self.model = SentenceTransformer(resolve_model_path(model_path), device=device)
         self.batch_size = batch_size
-        self.autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16
+        self.autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
         self.cache = cache
 

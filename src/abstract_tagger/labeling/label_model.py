@@ -34,11 +34,9 @@ class LearnedLabelModel:
     Tags are rare, and snorkel's default prior is uniform (50% positive), which would pull every
     paper with a single positive vote over 0.5. With `class_balance: majority` the prior is the
     tag's positive rate under majority vote on the fitting corpus (clipped), which needs no gold.
-    snorkel needs three functions to identify their accuracies; a tag with fewer falls back to
-    majority vote.
+    snorkel needs three functions to identify their accuracies; a tag with fewer than `min_functions`
+    falls back to majority vote.
     """
-
-    min_functions = 3
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = dict(cfg)
@@ -63,7 +61,7 @@ class LearnedLabelModel:
         for t in range(votes.shape[2]):
             cols = np.flatnonzero((votes[:, :, t] != -1).any(axis=0))
             model = None
-            if len(cols) >= self.min_functions:
+            if len(cols) >= self.cfg["min_functions"]:
                 model = LabelModel(cardinality=2, verbose=False)
                 model.fit(votes[:, cols, t], class_balance=[1 - priors[t], priors[t]], progress_bar=False,
                           **fit_kwargs)

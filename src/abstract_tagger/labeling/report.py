@@ -1,5 +1,5 @@
 """The labelling-function report: coverage, overlap and conflict of every function on every tag
-(snorkel's `LFAnalysis`), and, on the gold dev papers, precision / recall / F1 of every function
+(accumulated over the corpus in one pass), and, on the gold dev papers, precision / recall / F1 of every function
 and of both label models."""
 
 from __future__ import annotations
@@ -9,23 +9,35 @@ from typing import Any
 
 import numpy as np
 
-from abstract_tagger.labeling.functions import POSITIVE
+from abstract_tagger.labeling.functions import ABSTAIN, NEGATIVE, POSITIVE
 from abstract_tagger.thresholds import score
 
 
-def function_stats(votes: np.ndarray, names: Sequence[str], tag_ids: Sequence[str]) -> dict[str, Any]:
-    """{function: {tag: {coverage, overlap, conflict, positive}}} over the papers in `votes`."""
-    from snorkel.labeling import LFAnalysis
+class FunctionStats:
+    """Coverage, overlap, conflict and positive rate of every function on every tag, accumulated chunk
+    by chunk over the whole corpus (snorkel's `LFAnalysis` definitions, which need the whole matrix):
+    coverage = the function votes; overlap = it votes and another function does too; conflict = it
+    votes and another function votes the other way."""
 
-    out: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
-    for t, tag in enumerate(tag_ids):
-        analysis = LFAnalysis(votes[:, :, t])
-        columns = zip(analysis.lf_coverages(), analysis.lf_overlaps(), analysis.lf_conflicts(),
-                      (votes[:, :, t] == POSITIVE).mean(axis=0))
-        for name, (cov, ovl, con, pos) in zip(names, columns):
-            out[name][tag] = {"coverage": float(cov), "overlap": float(ovl), "conflict": float(con),
-                              "positive": float(pos)}
-    return out
+    def __init__(self, names: Sequence[str], tag_ids: Sequence[str]):
+        self.names, self.tag_ids = list(names), list(tag_ids)
+        self.n = 0
+        self.counts = np.zeros((4, len(self.names), len(self.tag_ids)), dtype=np.int64)
+
+    def add(self, votes: np.ndarray) -> None:
+        """`votes`: [papers, functions, tags]."""
+        voting = votes != ABSTAIN
+        others = voting.sum(axis=1, keepdims=True) > 1
+        # Binary votes: a paper has a conflict where both polarities occur on a tag.
+        both = ((votes == POSITIVE).any(axis=1) & (votes == NEGATIVE).any(axis=1))[:, None, :]
+        self.counts += np.stack([voting, voting & others, voting & both, votes == POSITIVE]).sum(axis=1)
+        self.n += len(votes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """{function: {tag: {coverage, overlap, conflict, positive}}}."""
+        rates = self.counts / max(self.n, 1)
+        return {name: {tag: dict(zip(("coverage", "overlap", "conflict", "positive"), map(float, rates[:, j, t])))
+                       for t, tag in enumerate(self.tag_ids)} for j, name in enumerate(self.names)}
 
 
 def gold_report(votes: np.ndarray, probs: Mapping[str, np.ndarray], gold: np.ndarray, names: Sequence[str],
@@ -62,7 +74,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                       _fmt(learned["recall"]), _fmt(learned["f1"])]
             lines.append(f"| {tag} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"## Coverage / overlap / conflict on the corpus ({report['n_fit']} papers)", "",
+    lines += [f"## Coverage / overlap / conflict on the corpus ({report['n_papers']} papers)", "",
               "| tag | " + " | ".join(names) + " |", "|---" + "|---" * len(names) + "|"]
     for tag in tags:
         cells = []

@@ -1,11 +1,23 @@
-"""Weak labels: labelling functions vote on every paper and tag, a label model turns the votes
-into per-tag probabilities, and a report says how good each function and model is.
+"""Weak labels for a corpus of any size, streamed: labelling functions vote on every paper and tag,
+a label model turns the votes into per-tag probabilities, and a report says how good each function
+and model is.
 
     wl = build_weak_labels(cfg)   # cfg: composed Hydra config with data, taxonomy, labeling, paths
     wl.write(out_dir)             # weak_labels.jsonl, lf_report.md, lf_report.json (+ rejects.jsonl)
+    for papers, probs in wl.chunks(): ...   # the kept papers in corpus order, with their probabilities
 
-Results are cached under `paths.cache_dir/weak_labels/` by a hash of the corpus files, the
-configs and this code; embeddings separately, per text (see `embedding`).
+The run, one chunk of `labeling.chunk_size` papers in memory at a time:
+  1. vote: the corpus is read once; each chunk's papers and votes are saved as soon as they are
+     computed, so a killed run continues after its last finished chunk. Under `torchrun` or
+     `accelerate launch` every rank reads the stream and votes every N-th chunk (the sentence encoder
+     is the cost), then the main process carries on alone;
+  2. fit: the label models are fitted on the votes of the first `labeling.fit_max_records` papers;
+  3. apply: the model in use turns each chunk's votes into probabilities; the function statistics and
+     the gold dev scores are accumulated in the same pass.
+
+Everything lives in `paths.cache_dir/weak_labels/<key>/`, the key hashing the corpus files, the
+configs and this code, so a finished result is reused as it is; embeddings are cached separately,
+per text (see `embedding`).
 """
 
 from __future__ import annotations
@@ -13,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+import os
+import shutil
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,90 +40,126 @@ from abstract_tagger.corpus import CorpusStats, Paper, batched, file_digest, rea
 from abstract_tagger.labeling import embedding
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, resolve_model_path
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
-from abstract_tagger.labeling.label_model import LABEL_MODELS, LearnedLabelModel, MajorityVote
-from abstract_tagger.labeling.report import function_stats, gold_report, to_markdown
+from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
+from abstract_tagger.labeling.report import FunctionStats, gold_report, to_markdown
+from abstract_tagger.runtime import process_state
 from abstract_tagger.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
+RESULT = "result.json"  # written last: a directory without it is a run still going, or killed
+REJECTS = "rejects.jsonl"
+
+
+def _chunk_path(root: Path, i: int) -> Path:
+    return root / f"chunk-{i:06d}.npz"
+
+
+def _probs_path(root: Path, i: int) -> Path:
+    return root / f"probs-{i:06d}.npy"
+
+
+def _save_atomic(path: Path, write) -> None:
+    """Written under a temporary name and renamed, so a kill never leaves a half file under the real name."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def save_chunk(path: Path, papers: list[Paper], votes: np.ndarray) -> None:
+    """A chunk's votes, its papers' ids and titles (what the label model's pass and weak_labels.jsonl
+    read), and the whole papers for training (zlib-compressed). JSON and arrays, no pickle, so loading
+    a chunk cannot run code."""
+    index = json.dumps([[p.id, p.title] for p in papers]).encode()
+    blob = zlib.compress(json.dumps([[p.abstract, p.categories, p.source, p.line] for p in papers]).encode(), 1)
+    _save_atomic(path, lambda f: np.savez(f, votes=votes, index=np.frombuffer(index, dtype=np.uint8),
+                                          papers=np.frombuffer(blob, dtype=np.uint8)))
+
+
+def load_index(path: Path) -> tuple[list[list[str]], np.ndarray]:
+    """A chunk's [id, title] pairs and votes."""
+    with np.load(path, allow_pickle=False) as saved:
+        return json.loads(saved["index"].tobytes()), saved["votes"]
+
+
+def load_chunk(path: Path) -> tuple[list[Paper], np.ndarray]:
+    with np.load(path, allow_pickle=False) as saved:
+        index, votes, blob = json.loads(saved["index"].tobytes()), saved["votes"], saved["papers"].tobytes()
+    return [Paper(pid, title, abstract, tuple(cats), source, line)
+            for (pid, title), (abstract, cats, source, line) in zip(index, json.loads(zlib.decompress(blob)))], votes
+
 
 @dataclass
 class WeakLabels:
-    """Per-tag probabilities for every kept paper (gold dev papers included: the report scores
-    them; training must leave them out). `probs` is float32 [papers, tags] in `tag_ids` order."""
+    """A finished weak-labelling result on disk: per-tag probabilities (float32, `tag_ids` order) for
+    every kept paper, gold dev papers included (the report scores them; training leaves them out)."""
 
-    papers: list[Paper]
-    probs: np.ndarray
+    root: Path
     tag_ids: list[str]
     report: dict[str, Any]
-    cache_path: Path | None = None
-    threshold: float = 0.5
-    # Reader rejects as {source, line, reason}; None when data.on_error=raise.
-    rejects: list[dict[str, Any]] | None = field(default=None, repr=False)
+    threshold: float
+    n_papers: int
+    n_chunks: int
+    # Whether rejects were collected (data.on_error=skip) rather than raised.
+    skipped_rejects: bool = False
+
+    def chunks(self) -> Iterator[tuple[list[Paper], np.ndarray]]:
+        """The kept papers in corpus order, one chunk at a time, with their probabilities."""
+        for i in range(self.n_chunks):
+            yield self.chunk(i)
+
+    def chunk(self, i: int) -> tuple[list[Paper], np.ndarray]:
+        return load_chunk(_chunk_path(self.root, i))[0], np.load(_probs_path(self.root, i), allow_pickle=False)
+
+    def index(self, i: int) -> list[list[str]]:
+        """Chunk `i`'s [id, title] pairs, without decompressing its papers."""
+        return load_index(_chunk_path(self.root, i))[0]
 
     def write(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "weak_labels.jsonl", "w", encoding="utf-8") as f:
-            for paper, row in zip(self.papers, self.probs):
-                probs = {tag: round(float(p), 6) for tag, p in zip(self.tag_ids, row)}
-                tags = [tag for tag, p in probs.items() if p >= self.threshold]
-                f.write(json.dumps({"id": paper.id, "title": paper.title, "tags": tags, "probs": probs}) + "\n")
+            for i in range(self.n_chunks):
+                for (pid, title), row in zip(self.index(i), np.load(_probs_path(self.root, i), allow_pickle=False)):
+                    p = {tag: round(float(v), 6) for tag, v in zip(self.tag_ids, row)}
+                    tags = [tag for tag, v in p.items() if v >= self.threshold]
+                    f.write(json.dumps({"id": pid, "title": title, "tags": tags, "probs": p}) + "\n")
         (out / "lf_report.json").write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
         (out / "lf_report.md").write_text(to_markdown(self.report), encoding="utf-8")
-        if self.rejects is not None:
-            with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.rejects)
-            if self.rejects:
-                log.warning("%d bad records skipped, listed in %s", len(self.rejects), out / "rejects.jsonl")
-
-    def save(self, path: Path) -> None:
-        """The result cache: probabilities as an array, the rest as JSON, in one .npz. Unlike pickle,
-        loading it cannot run code, so a cache directory others can write to is no risk."""
-        meta = {"papers": [asdict(p) for p in self.papers], "tag_ids": self.tag_ids, "report": self.report,
-                "threshold": self.threshold, "rejects": self.rejects}
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, probs=self.probs, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        tmp.replace(path)
+        if self.skipped_rejects:
+            shutil.copyfile(self.root / REJECTS, out / REJECTS)
+            rejected = self.report["corpus"]["rejected"]
+            if rejected:
+                log.warning("%d bad records skipped, listed in %s", rejected, out / REJECTS)
 
     @classmethod
-    def load(cls, path: Path) -> WeakLabels | None:
-        """A cached result, or None (with a warning) where the file is damaged: it is rebuilt."""
+    def load(cls, root: Path) -> WeakLabels | None:
+        """A finished result, or None where there is none or it is damaged (with a warning): it is rebuilt."""
+        if not (root / RESULT).is_file():
+            return None
         try:
-            with np.load(path, allow_pickle=False) as saved:
-                probs, meta = saved["probs"], json.loads(saved["meta"].tobytes())
-            papers = [Paper(**{**p, "categories": tuple(p["categories"])}) for p in meta.pop("papers")]
-            return cls(papers=papers, probs=probs, cache_path=path, **meta)
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
-            log.warning("%s: unreadable weak-label cache (%s: %s); rebuilding it", path, type(e).__name__, e)
+            labels = cls(root=root, **json.loads((root / RESULT).read_text(encoding="utf-8")))
+            missing = [p.name for i in range(labels.n_chunks) for p in (_chunk_path(root, i), _probs_path(root, i))
+                       if not p.is_file()]
+            if missing:
+                raise ValueError(f"missing {missing[:3]}")
+            return labels
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("%s: unreadable weak-label cache (%s: %s); rebuilding it", root, type(e).__name__, e)
             return None
 
 
-def vote(papers: Iterable[Paper], functions: LabelingFunctions, chunk_size: int) -> np.ndarray:
-    """The vote matrix [papers, functions, tags] of a finite stream, computed chunk by chunk."""
-    chunks = [functions(chunk) for chunk in batched(papers, chunk_size)]
-    if not chunks:
-        raise ValueError("no papers to vote on")
-    return np.concatenate(chunks)
-
-
-def stream_weak_labels(papers: Iterable[Paper], functions: LabelingFunctions, model: Any,
-                       chunk_size: int) -> Iterator[tuple[list[Paper], np.ndarray]]:
-    """Label a stream of any length with a fitted model, holding one chunk at a time."""
-    for chunk in batched(papers, chunk_size):
-        yield chunk, model.predict_proba(functions(chunk))
-
-
-def make_encoder(cfg: Mapping[str, Any], cache_dir: Path) -> SentenceEncoder:
-    """`cfg` is `labeling.embedding`."""
+def make_encoder(cfg: Mapping[str, Any], cache_dir: Path, device: Any = "cpu") -> SentenceEncoder:
+    """`cfg` is `labeling.embedding`; `device`: this process's (a rank's GPU under a launcher)."""
     model_path = resolve_model_path(cfg["model_path"])
     # One store per model, precision (bf16 and fp32 vectors differ slightly) and encoder code, so
     # vectors an earlier version of the encoder computed are never served.
     code = Path(embedding.__file__).read_bytes()
     tag = hashlib.blake2b(f"{model_path}|bf16={cfg['bf16']}|".encode() + code, digest_size=6).hexdigest()
-    cache = EmbeddingCache(cache_dir / "embeddings" / f"{tag}.npz")
-    return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=cfg["bf16"], cache=cache)
+    cache = EmbeddingCache(cache_dir / "embeddings" / tag)
+    return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=cfg["bf16"], cache=cache,
+                           device=str(device))
 
 
 def _code_digest() -> str:
@@ -138,63 +188,115 @@ def cache_key(cfg: DictConfig) -> str:
 
 
 def build_weak_labels(cfg: DictConfig) -> WeakLabels:
+    """The weak labels of the configured corpus, from the cache where finished. Under a launcher every
+    rank calls it: ranks share the voting, and every rank gets the same result."""
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
     lcfg = OmegaConf.to_container(cfg.labeling, resolve=True)
-    if lcfg["model"] not in LABEL_MODELS:
-        raise ValueError(f"labeling.model must be one of {LABEL_MODELS}, got {lcfg['model']!r}")
-    cache_dir = Path(cfg.paths.cache_dir)
-    key = cache_key(cfg)
-    cache_path = cache_dir / "weak_labels" / f"{key}.npz"
-    if lcfg["cache"] and cache_path.is_file() and (labels := WeakLabels.load(cache_path)) is not None:
-        log.info("%s (cached: %s)", labels.report["corpus"]["summary"], cache_path)
+    state = process_state()
+    root = Path(cfg.paths.cache_dir) / "weak_labels" / cache_key(cfg)
+    if lcfg["cache"] and (labels := WeakLabels.load(root)) is not None:
+        log.info("%s (cached: %s)", labels.report["corpus"]["summary"], root)
         return labels
+    with state.main_process_first():
+        if state.is_main_process and (not lcfg["cache"] or (root / RESULT).is_file()):
+            shutil.rmtree(root, ignore_errors=True)  # cache off, or a damaged result: from scratch
+        root.mkdir(parents=True, exist_ok=True)
 
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    rejects_path = cache_path.with_suffix(".rejects.jsonl")
-    rejects_path.unlink(missing_ok=True)
+    functions = build_functions(taxonomy, lcfg, lambda: make_encoder(lcfg["embedding"], Path(cfg.paths.cache_dir),
+                                                                     state.device))
+    stats, n_chunks = vote_corpus(cfg, functions, root, lcfg["chunk_size"], state)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        report = fit_and_apply(cfg, taxonomy, lcfg, functions.names, root, n_chunks, stats)
+        result = {"tag_ids": taxonomy.ids, "report": report, "threshold": lcfg["threshold"],
+                  "n_papers": stats.kept, "n_chunks": n_chunks, "skipped_rejects": cfg.data.on_error == "skip"}
+        (root / RESULT).write_text(json.dumps(result) + "\n", encoding="utf-8")
+    state.wait_for_everyone()
+    labels = WeakLabels.load(root)
+    if labels is None:
+        raise RuntimeError(f"{root}: the weak labels were not written")
+    return labels
+
+
+def vote_corpus(cfg: DictConfig, functions: LabelingFunctions, root: Path, chunk_size: int,
+                state) -> tuple[CorpusStats, int]:
+    """Read the corpus once and save every chunk this rank votes on (every `num_processes`-th); chunks
+    a killed run finished are kept. Returns the reader's accounting and the number of chunks."""
     stats = CorpusStats()
-    papers = list(read_corpus(
-        OmegaConf.to_container(cfg.data.sources, resolve=True), on_error=cfg.data.on_error,
-        rejects_path=rejects_path, dedupe=cfg.data.dedupe, max_chars=cfg.data.max_chars, stats=stats,
-    ))
+    skip = cfg.data.on_error == "skip"
+    # Each rank reads the whole stream (chunk boundaries must agree); the main one lists the rejects.
+    rejects = root / REJECTS if state.is_main_process else Path(os.devnull)
+    papers = read_corpus(OmegaConf.to_container(cfg.data.sources, resolve=True), on_error=cfg.data.on_error,
+                         rejects_path=rejects if skip else None, dedupe=cfg.data.dedupe,
+                         max_chars=cfg.data.max_chars, stats=stats)
+    n_chunks = voted = kept = 0
+    for i, chunk in enumerate(batched(papers, chunk_size)):
+        n_chunks = i + 1
+        path = _chunk_path(root, i)
+        if i % state.num_processes != state.process_index:
+            continue
+        if path.is_file():
+            kept += 1
+            continue
+        save_chunk(path, chunk, functions(chunk))
+        voted += 1
+        if voted % 10 == 0:
+            log.info("voted %d chunks (%d papers read)", voted, stats.kept)
+    log.info("process %d of %d: voted %d chunk(s), kept %d finished by an earlier run, of %d",
+             state.process_index, state.num_processes, voted, kept, n_chunks)
     log.info("%s", stats.summary())
-    if not papers:
+    if not stats.kept:
         raise ValueError(f"no papers to label: {stats.summary()}")
-    rejects = None
-    if cfg.data.on_error == "skip":
-        rejects = ([json.loads(line) for line in rejects_path.read_text(encoding="utf-8").splitlines()]
-                   if rejects_path.is_file() else [])
-        rejects_path.unlink(missing_ok=True)
+    return stats, n_chunks
 
-    functions = build_functions(taxonomy, lcfg, lambda: make_encoder(lcfg["embedding"], cache_dir))
-    chunk = lcfg["chunk_size"]
-    votes = vote(papers, functions, chunk)
-    fit_votes = votes[: lcfg["fit_max_records"]]
-    # Both models, whichever is in use: the report compares them.
-    models = {"majority": MajorityVote().fit(fit_votes),
-              "learned": LearnedLabelModel(lcfg["label_model"]).fit(fit_votes)}
-    all_probs = {name: np.concatenate([m.predict_proba(votes[i:i + chunk]) for i in range(0, len(votes), chunk)])
-                 for name, m in models.items()}
+
+def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, lcfg: dict[str, Any], names: list[str], root: Path,
+                  n_chunks: int, stats: CorpusStats) -> dict[str, Any]:
+    """Fit both label models on the first votes, apply the one in use chunk by chunk, and build the
+    report (function statistics over the corpus, scores on every dev set) in the same pass."""
+    fit_votes: list[np.ndarray] = []
+    n_fit = 0
+    for i in range(n_chunks):
+        if n_fit >= lcfg["fit_max_records"]:
+            break
+        fit_votes.append(load_index(_chunk_path(root, i))[1][: lcfg["fit_max_records"] - n_fit])
+        n_fit += len(fit_votes[-1])
+    votes = np.concatenate(fit_votes)
+    del fit_votes
+    # Both models, whichever is in use: the report compares them on the gold papers.
+    models = {"majority": MajorityVote().fit(votes), "learned": LearnedLabelModel(lcfg["label_model"]).fit(votes)}
+    del votes
+    in_use = models[lcfg["model"]]
+
+    dev_sets = read_gold_sets(cfg.data.gold, taxonomy.ids).get("dev", {})
+    gold_ids = {pid for gold in dev_sets.values() for pid in gold.tags}
+    gold_papers: list[Paper] = []  # id and title: what the join to the gold sets checks
+    gold_votes: list[np.ndarray] = []
+    function_stats = FunctionStats(names, taxonomy.ids)
+    for i in range(n_chunks):
+        index, votes = load_index(_chunk_path(root, i))
+        _save_atomic(_probs_path(root, i), lambda f: np.save(f, in_use.predict_proba(votes).astype(np.float32)))
+        function_stats.add(votes)
+        rows = [r for r, (pid, _) in enumerate(index) if pid in gold_ids]
+        gold_papers += [Paper(*index[r], abstract="") for r in rows]
+        gold_votes.append(votes[rows])
 
     report: dict[str, Any] = {
         "corpus": {"summary": stats.summary(), "read": stats.read, "kept": stats.kept,
                    "duplicates": stats.duplicates, "rejected": stats.rejected, "per_source": stats.per_source},
-        "model": lcfg["model"], "functions": functions.names, "tag_ids": taxonomy.ids, "n_fit": len(fit_votes),
-        "function_stats": function_stats(fit_votes, functions.names, taxonomy.ids),
-        "estimated_accuracy": {tag: {functions.names[j]: acc for j, acc in accs.items()}
+        "model": lcfg["model"], "functions": names, "tag_ids": taxonomy.ids, "n_fit": n_fit,
+        "n_papers": stats.kept, "function_stats": function_stats.to_dict(),
+        "estimated_accuracy": {tag: {names[j]: acc for j, acc in accs.items()}
                                for tag, accs in zip(taxonomy.ids, models["learned"].accuracies())},
         "class_prior": dict(zip(taxonomy.ids, models["learned"].priors.tolist())),
+        "gold": {},
     }
     # The report scores functions and label models on every dev set; test sets are left for the end.
-    report["gold"] = {}
-    for name, gold in read_gold_sets(cfg.data.gold, taxonomy.ids).get("dev", {}).items():
-        rows = gold.rows(papers)
-        report["gold"][name] = gold_report(votes[rows], {m: p[rows] for m, p in all_probs.items()},
-                                           gold.labels(taxonomy.ids), functions.names, taxonomy.ids,
-                                           lcfg["threshold"])
+    votes = np.concatenate(gold_votes)
+    for name, gold in dev_sets.items():
+        rows = gold.rows(gold_papers)
+        report["gold"][name] = gold_report(votes[rows], {m: model.predict_proba(votes[rows])
+                                                         for m, model in models.items()},
+                                           gold.labels(taxonomy.ids), names, taxonomy.ids, lcfg["threshold"])
         report["gold"][name]["label_model"] = report["gold"][name][lcfg["model"]]
-
-    labels = WeakLabels(papers=papers, probs=all_probs[lcfg["model"]], tag_ids=taxonomy.ids, report=report,
-                        cache_path=cache_path, threshold=lcfg["threshold"], rejects=rejects)
-    labels.save(cache_path)
-    return labels
+    return report
