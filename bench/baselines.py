@@ -27,8 +27,9 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from abstract_tagger import thresholds as thr  # noqa: E402
 from abstract_tagger.config_checks import register_resolvers  # noqa: E402
-from abstract_tagger.corpus import Paper, read_gold_sets  # noqa: E402
+from abstract_tagger.corpus import read_gold_sets  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
+from abstract_tagger.pipeline import load_model  # noqa: E402
 from abstract_tagger.training_data import training_data  # noqa: E402
 
 
@@ -58,11 +59,13 @@ def main() -> None:
         cfg = compose("train", overrides=args.overrides)
     weak = build_weak_labels(cfg)
     tag_ids = weak.tag_ids
-    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), None, tag_ids)
+    backbone = load_model(cfg, tag_ids)  # its tokenizer: the training data is stored tokenised
+    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), None, tag_ids, backbone.tokenizer,
+                         cfg.model.max_length)
     split, weak_probs = data.split, data.held_out_weak
-    train = data.train.select_columns(["title", "abstract", "labels"]).with_format("numpy")
-    baseline = tfidf_logreg([Paper("", t, a).text for t, a in zip(train["title"], train["abstract"])],
-                            np.stack(train["labels"]), [p.text for p in data.held_out])
+    train = list(data.train_papers(len(data.train)))
+    baseline = tfidf_logreg([p.text for papers, _ in train for p in papers],
+                            np.concatenate([targets for _, targets in train]), [p.text for p in data.held_out])
     tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
     dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
     rows: dict[str, dict[str, tuple[float, float]]] = {}

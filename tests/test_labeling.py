@@ -13,7 +13,7 @@ from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, 
 from abstract_tagger.labeling.functions import (
     ABSTAIN, NEGATIVE, POSITIVE, ArxivFunction, EmbeddingFunction, KeywordFunctions, build_functions,
 )
-from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote, make_label_model
+from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
 from abstract_tagger.thresholds import score
 
 
@@ -149,9 +149,15 @@ def test_learned_label_model_falls_back_to_majority_with_two_functions(labeling_
     np.testing.assert_allclose(model.predict_proba(votes), MajorityVote().predict_proba(votes))
 
 
-def test_make_label_model_rejects_unknown_kind(labeling_cfg):
-    with pytest.raises(ValueError, match="labeling.model must be one of"):
-        make_label_model("oracle", labeling_cfg["label_model"])
+def test_an_unknown_label_model_is_refused_at_start_up(root):
+    from hydra import compose, initialize_config_dir
+
+    from abstract_tagger.config_checks import ConfigError, validate_label
+
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        cfg = compose("label", overrides=["labeling.model=oracle"])
+    with pytest.raises(ConfigError, match=r"^labeling.model='oracle': must be one of \('majority', 'learned'\)"):
+        validate_label(cfg)
 
 
 def test_score_micro_macro():
@@ -250,10 +256,27 @@ def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
     from abstract_tagger.labeling import embedding
     from abstract_tagger.labeling.weak_labels import make_encoder
 
-    cfg = {"model_path": None, "batch_size": 8, "bf16": True}
+    cfg = {"model_path": "bundled-minilm", "batch_size": 8, "bf16": True}
     before = make_encoder(cfg, tmp_path).cache.folder
     assert make_encoder(cfg, tmp_path).cache.folder == before
     edited = tmp_path / "embedding.py"
     edited.write_bytes(Path(embedding.__file__).read_bytes() + b"\n# changed\n")
     monkeypatch.setattr(embedding, "__file__", str(edited))
     assert make_encoder(cfg, tmp_path).cache.folder != before
+
+
+def test_fitting_the_label_model_leaves_the_callers_random_state_alone(labeling_cfg):
+    """snorkel seeds the global generators: a training run's dropout and shuffling depended on whether
+    its weak labels came from the cache."""
+    import random
+
+    import torch
+
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    votes = np.random.default_rng(0).choice([-1, 0, 1], size=(200, 3, 2)).astype(np.int8)
+    LearnedLabelModel(labeling_cfg["label_model"]).fit(votes)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]

@@ -33,7 +33,7 @@ from abstract_tagger.model import Backbone, load_backbone
 from abstract_tagger.rule_blend import RuleBlend, choose_weight, rule_functions
 from abstract_tagger.taxonomy import Taxonomy
 from abstract_tagger.training import FitResult, _loader, fit, make_accelerator, predict_probs
-from abstract_tagger.training_data import Split, TrainingData, papers_dataset, tokenize, training_data
+from abstract_tagger.training_data import Split, TrainingData, papers_dataset, training_data
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,9 @@ def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: T
     t, st = cfg.trainer, cfg.trainer.self_training
     model = accelerator.prepare(backbone.model)
     tokenizer, max_length = backbone.tokenizer, cfg.model.max_length
-    with accelerator.main_process_first():  # tokenised once into the cache; the other ranks read it
-        train_data = tokenize(data.train, tokenizer, max_length)
+    train_data = data.train
     dev_rows = data.split.rows("dev")
-    dev_data = tokenize(papers_dataset([data.held_out[i] for i in dev_rows]), tokenizer, max_length)
+    dev_data = papers_dataset([data.held_out[i] for i in dev_rows], tokenizer, max_length)
     dev_gold = data.split.gold("dev")
     trained = Trained(backbone)
     round_data = train_data
@@ -136,7 +135,7 @@ def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, data: TrainingData, pool: Seq
     rules = rule_functions(taxonomy, min_hits)
     n_review = len(pool) - len(data.held_out)
     n_fit = min(cfg.labeling.fit_max_records, len(data.train))
-    train_votes = np.concatenate([rules(batch) for batch in data.train_papers(max(n_fit, n_review))])
+    train_votes = np.concatenate([rules(papers) for papers, _ in data.train_papers(max(n_fit, n_review))])
     blend = RuleBlend.fit(taxonomy, min_hits, train_votes[:n_fit], LearnedLabelModel(cfg.labeling.label_model))
     rule_probs = blend.probs_from_votes(np.concatenate([rules(data.held_out), train_votes[:n_review]]))
     dev_rows = data.split.rows("dev")
@@ -225,7 +224,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"weak labels are over {weak.tag_ids}, the taxonomy over {tag_ids}")
     gold_train = read_gold(cfg.data.gold_train, tag_ids) if cfg.data.gold_train else None
     with accelerator.main_process_first():  # built once into the cache; the other ranks read it
-        data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), gold_train, tag_ids)
+        data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), gold_train, tag_ids,
+                             backbone.tokenizer, cfg.model.max_length)
     accelerator.print(f"{data.n_corpus} papers: {len(data.train)} train ({data.n_hand} hand-labelled), "
                       + ", ".join(f"{len(rows)} {name}" for name, rows in data.split.sets.items()) + " (held out)")
     if accelerator.is_main_process:
@@ -233,12 +233,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     trained = train(cfg, accelerator, backbone, data, tag_ids, run_dir)
     # Scored after training: every held-out paper, then the first training papers (for review.jsonl).
-    n_review = min(cfg.export.review_pool, len(data.train))
-    pool = data.held_out + [p for batch in data.train_papers(n_review) for p in batch]
-    pool_weak = np.concatenate([data.held_out_weak, np.asarray(data.train.select(range(n_review))
-                                                               .with_format("numpy")["labels"]).reshape(-1, len(tag_ids))])
+    review = list(data.train_papers(cfg.export.review_pool))
+    pool = data.held_out + [p for papers, _ in review for p in papers]
+    pool_weak = np.concatenate([data.held_out_weak, *(targets for _, targets in review)])
     probs = model_probs(cfg, accelerator, trained.backbone.model, trained.backbone.tokenizer,
-                        tokenize(papers_dataset(pool), trained.backbone.tokenizer, cfg.model.max_length))
+                        papers_dataset(pool, trained.backbone.tokenizer, cfg.model.max_length))
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         blend, weights, shipped = fit_blend(cfg, taxonomy, data, pool, probs)

