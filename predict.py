@@ -20,7 +20,7 @@ log = logging.getLogger("predict")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from abstract_tagger.predict_io import predict_from_config
+    from abstract_tagger.predict_files import predict_from_config
 
     with exit_on_error(log):
         predict_from_config(cfg)

@@ -101,7 +101,7 @@ def same_tags(a: list[list[str]], b: list[list[str]]) -> float:
 
 def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) -> dict:
     from abstract_tagger import Tagger
-    from abstract_tagger.prediction import as_paper, as_text, logit
+    from abstract_tagger.tagger import as_paper, as_text, logit
 
     tagger = Tagger.from_pretrained(checkpoint, backend=backend)
     no_recheck = Tagger.from_pretrained(checkpoint, backend=backend, recheck_margin=0)
@@ -201,7 +201,7 @@ def whole_process(checkpoint: Path, files: dict[str, Path], backend: str) -> dic
 
 def pipeline_worker(path: Path, checkpoint: Path) -> None:
     """The pipeline peer of `predict.py`: read JSON lines, tag, write JSON lines."""
-    from abstract_tagger.prediction import as_text
+    from abstract_tagger.tagger import as_text
 
     pipe = make_pipeline(checkpoint)
     thresholds = json.loads((checkpoint / "thresholds.json").read_text())

@@ -211,8 +211,9 @@ def fit(cfg, papers, taxonomy, run_dir):
     accelerator = training.make_accelerator(cfg)
     backbone.model = accelerator.prepare(backbone.model)
     tok, length = backbone.tokenizer, cfg.model.max_length
-    result = training.fit(cfg.trainer, accelerator, backbone.model, tok, labelled_dataset(papers[:-8], probs[:-8], tok, length),
-                          labelled_dataset(papers[-8:], probs[-8:], tok, length), (probs[-8:] > 0.5).astype(np.int8),
+    train = labelled_dataset(papers[:-8], probs[:-8], tok, length)
+    dev = labelled_dataset(papers[-8:], probs[-8:], tok, length)
+    result = training.fit(cfg.trainer, accelerator, backbone.model, tok, train, dev, (probs[-8:] > 0.5).astype(np.int8),
                           taxonomy.ids, run_dir / "state", cfg.trainer.epochs)
     return Fitted(backbone, result.losses, result.epoch_metrics, result.steps, result.epoch_steps)
 

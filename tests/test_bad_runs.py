@@ -26,8 +26,8 @@ from abstract_tagger import Tagger, pipeline, training
 from abstract_tagger.checkpoint import export_checkpoint
 from abstract_tagger.config_checks import ConfigError, validate, validate_predict
 from abstract_tagger.corpus import CorpusError, read_seed_dump
-from abstract_tagger.predict_io import OutputFiles, predict_file
-from abstract_tagger.prediction import CheckpointError
+from abstract_tagger.predict_files import OutputFiles, predict_file
+from abstract_tagger.tagger import CheckpointError
 from abstract_tagger.training_data import Split, TrainingData
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -106,7 +106,7 @@ def test_4_resume_refuses_a_replaced_input_or_another_checkpoint(tagger, tiny_ch
 
 
 def test_4_checkpoint_fingerprint_covers_the_rule_blend(tagger, taxonomy, monkeypatch):
-    from abstract_tagger.predict_io import _weights_digest
+    from abstract_tagger.predict_files import _weights_digest
     from abstract_tagger.rule_blend import RuleBlend, rule_functions
 
     before = _weights_digest(tagger)

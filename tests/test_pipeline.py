@@ -15,7 +15,7 @@ from abstract_tagger import Tagger, pipeline
 from abstract_tagger.config_checks import register_resolvers
 from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_seed_dump
 from abstract_tagger.labeling.label_model import MajorityVote
-from abstract_tagger.prediction import CheckpointError
+from abstract_tagger.tagger import CheckpointError
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns, rule_functions
 from abstract_tagger.training_data import training_data
 from helpers import BACKENDS, SPEECH, TRAIN, minilm_tokenizer, weak_labels_on_disk

@@ -13,7 +13,7 @@ from helpers import BACKENDS, TRAIN, Killed, records, write_jsonl
 from abstract_tagger import Tagger
 from abstract_tagger.config_checks import ConfigError, validate_predict
 from abstract_tagger.corpus import CorpusError
-from abstract_tagger.predict_io import OutputFiles, merge_parts, predict_file
+from abstract_tagger.predict_files import OutputFiles, merge_parts, predict_file
 
 EXPECTED = [tag for _, tag in TRAIN]
 

@@ -7,7 +7,7 @@ __all__ = ["Tagger"]
 def __getattr__(name: str):
     # Lazy, so `import abstract_tagger.corpus` does not pay for torch and transformers.
     if name == "Tagger":
-        from abstract_tagger.prediction import Tagger
+        from abstract_tagger.tagger import Tagger
 
         return Tagger
     raise AttributeError(name)

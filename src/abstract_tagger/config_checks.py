@@ -173,8 +173,8 @@ def _same_file(a: Path, b: Path) -> bool:
 def validate_predict(cfg: DictConfig) -> None:
     """predict.py: every setting, before the model loads and before anything is written."""
     from abstract_tagger.corpus import FORMATS
-    from abstract_tagger.predict_io import OutputFiles, parse_shard
-    from abstract_tagger.prediction import BACKENDS, ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS
+    from abstract_tagger.predict_files import OutputFiles, parse_shard
+    from abstract_tagger.tagger import BACKENDS, ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS
 
     for key in ("batch_size", "chunk_size", "max_chars"):
         _positive(cfg, key, integer=True)

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from abstract_tagger.prediction import ONNX_FP32, ONNX_INT8, Backend, CheckpointError, recheck_margin_for
-from abstract_tagger.prediction import ONNX_PRECISIONS as PRECISIONS
+from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8, Backend, CheckpointError, recheck_margin_for
+from abstract_tagger.tagger import ONNX_PRECISIONS as PRECISIONS
 
 
 def physical_cores() -> int:

@@ -30,7 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoModelForSequenceClassification
 
-from abstract_tagger.prediction import ONNX_FP32, ONNX_INT8
+from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8
 
 _WEIGHTS = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F16": (np.float16, TensorProto.FLOAT16), "F32": (np.float32, TensorProto.FLOAT)}

@@ -36,7 +36,7 @@ from abstract_tagger.checkpoint import swap_in
 from abstract_tagger.config_checks import validate_publish
 from abstract_tagger.corpus import Paper, read_gold, read_source
 from abstract_tagger.onnx_export import export_onnx
-from abstract_tagger.prediction import Tagger, check_checkpoint
+from abstract_tagger.tagger import Tagger, check_checkpoint
 
 log = logging.getLogger(__name__)
 

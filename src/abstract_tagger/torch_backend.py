@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from abstract_tagger.prediction import TORCH_PRECISIONS as PRECISIONS
-from abstract_tagger.prediction import Backend, CheckpointError, recheck_margin_for
+from abstract_tagger.tagger import TORCH_PRECISIONS as PRECISIONS
+from abstract_tagger.tagger import Backend, CheckpointError, recheck_margin_for
 from abstract_tagger.runtime import fast_precision
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -165,9 +165,9 @@ def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Map
     tokenizer_id = f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{tokenizer.vocab_size}|{max_length}"
     fingerprint = hashlib.sha256(json.dumps([selection, tokenizer_id], sort_keys=True).encode()
                                  + Path(__file__).read_bytes()).hexdigest()[:32]
-    train = Dataset.from_generator(_training_rows, features=features, cache_dir=str(Path(cfg.paths.cache_dir) /
-                                   "train_data"), fingerprint=fingerprint,
-                                   gen_kwargs={"selection": selection, "tokenizer": tokenizer, "max_length": max_length})
+    train = Dataset.from_generator(
+        _training_rows, features=features, cache_dir=str(Path(cfg.paths.cache_dir) / "train_data"),
+        fingerprint=fingerprint, gen_kwargs={"selection": selection, "tokenizer": tokenizer, "max_length": max_length})
     return TrainingData(train, held_out, np.array(held_weak, dtype=np.float32).reshape(-1, len(tag_ids)), split,
                         weak.n_papers, selection)
 

@@ -192,24 +192,24 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
     """The weak labels of the configured corpus, from the cache where finished. Under a launcher every
     rank calls it: ranks share the voting, and every rank gets the same result."""
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
-    lcfg = OmegaConf.to_container(cfg.labeling, resolve=True)
+    labeling = OmegaConf.to_container(cfg.labeling, resolve=True)
     state = process_state()
     root = Path(cfg.paths.cache_dir) / "weak_labels" / cache_key(cfg)
-    if lcfg["cache"] and (labels := WeakLabels.load(root)) is not None:
+    if labeling["cache"] and (labels := WeakLabels.load(root)) is not None:
         log.info("%s (cached: %s)", labels.report["corpus"]["summary"], root)
         return labels
     with state.main_process_first():
-        if state.is_main_process and (not lcfg["cache"] or (root / RESULT).is_file()):
+        if state.is_main_process and (not labeling["cache"] or (root / RESULT).is_file()):
             shutil.rmtree(root, ignore_errors=True)  # cache off, or a damaged result: from scratch
         root.mkdir(parents=True, exist_ok=True)
 
-    functions = build_functions(taxonomy, lcfg, lambda: make_encoder(lcfg["embedding"], Path(cfg.paths.cache_dir),
-                                                                     state.device))
-    stats, n_chunks = vote_corpus(cfg, functions, root, lcfg["chunk_size"], state)
+    cache_dir = Path(cfg.paths.cache_dir)
+    functions = build_functions(taxonomy, labeling, lambda: make_encoder(labeling["embedding"], cache_dir, state.device))
+    stats, n_chunks = vote_corpus(cfg, functions, root, labeling["chunk_size"], state)
     state.wait_for_everyone()
     if state.is_main_process:
-        report = fit_and_apply(cfg, taxonomy, lcfg, functions.names, root, n_chunks, stats)
-        result = {"tag_ids": taxonomy.ids, "report": report, "threshold": lcfg["threshold"],
+        report = fit_and_apply(cfg, taxonomy, labeling, functions.names, root, n_chunks, stats)
+        result = {"tag_ids": taxonomy.ids, "report": report, "threshold": labeling["threshold"],
                   "n_papers": stats.kept, "n_chunks": n_chunks, "skipped_rejects": cfg.data.on_error == "skip"}
         (root / RESULT).write_text(json.dumps(result) + "\n", encoding="utf-8")
     state.wait_for_everyone()
@@ -251,23 +251,23 @@ def vote_corpus(cfg: DictConfig, functions: LabelingFunctions, root: Path, chunk
     return stats, n_chunks
 
 
-def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, lcfg: dict[str, Any], names: list[str], root: Path,
+def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, labeling: dict[str, Any], names: list[str], root: Path,
                   n_chunks: int, stats: CorpusStats) -> dict[str, Any]:
     """Fit both label models on the first votes, apply the one in use chunk by chunk, and build the
     report (function statistics over the corpus, scores on every dev set) in the same pass."""
     fit_votes: list[np.ndarray] = []
     n_fit = 0
     for i in range(n_chunks):
-        if n_fit >= lcfg["fit_max_records"]:
+        if n_fit >= labeling["fit_max_records"]:
             break
-        fit_votes.append(load_index(_chunk_path(root, i))[1][: lcfg["fit_max_records"] - n_fit])
+        fit_votes.append(load_index(_chunk_path(root, i))[1][: labeling["fit_max_records"] - n_fit])
         n_fit += len(fit_votes[-1])
     votes = np.concatenate(fit_votes)
     del fit_votes
     # Both models, whichever is in use: the report compares them on the gold papers.
-    models = {"majority": MajorityVote().fit(votes), "learned": LearnedLabelModel(lcfg["label_model"]).fit(votes)}
+    models = {"majority": MajorityVote().fit(votes), "learned": LearnedLabelModel(labeling["label_model"]).fit(votes)}
     del votes
-    in_use = models[lcfg["model"]]
+    in_use = models[labeling["model"]]
 
     dev_sets = read_gold_sets(cfg.data.gold, taxonomy.ids).get("dev", {})
     gold_ids = {pid for gold in dev_sets.values() for pid in gold.tags}
@@ -285,7 +285,7 @@ def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, lcfg: dict[str, Any], nam
     report: dict[str, Any] = {
         "corpus": {"summary": stats.summary(), "read": stats.read, "kept": stats.kept,
                    "duplicates": stats.duplicates, "rejected": stats.rejected, "per_source": stats.per_source},
-        "model": lcfg["model"], "functions": names, "tag_ids": taxonomy.ids, "n_fit": n_fit,
+        "model": labeling["model"], "functions": names, "tag_ids": taxonomy.ids, "n_fit": n_fit,
         "n_papers": stats.kept, "function_stats": function_stats.to_dict(),
         "estimated_accuracy": {tag: {names[j]: acc for j, acc in accs.items()}
                                for tag, accs in zip(taxonomy.ids, models["learned"].accuracies())},
@@ -298,6 +298,6 @@ def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, lcfg: dict[str, Any], nam
         rows = gold.rows(gold_papers)
         report["gold"][name] = gold_report(votes[rows], {m: model.predict_proba(votes[rows])
                                                          for m, model in models.items()},
-                                           gold.labels(taxonomy.ids), names, taxonomy.ids, lcfg["threshold"])
-        report["gold"][name]["label_model"] = report["gold"][name][lcfg["model"]]
+                                           gold.labels(taxonomy.ids), names, taxonomy.ids, labeling["threshold"])
+        report["gold"][name]["label_model"] = report["gold"][name][labeling["model"]]
     return report

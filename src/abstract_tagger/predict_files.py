@@ -25,7 +25,7 @@ import numpy as np
 
 from abstract_tagger.config_checks import validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
-from abstract_tagger.prediction import Tagger, choose_backend
+from abstract_tagger.tagger import Tagger, choose_backend
 from abstract_tagger.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any
     return lines[0], lines[1:]
 
 
-class _Run:
+class _OpenFiles:
     """The open files of one run: the partial output, the partial rejects and the journal."""
 
     def __init__(self, files: OutputFiles, rows: RowFormat, settings: dict[str, Any], resume: bool):
@@ -233,7 +233,7 @@ def predict_file(
     # Stdin has no name to guess a format from; JSON lines is the pipe-friendly one.
     fmt = format or ("jsonl" if str(input) == "-" else None)
     records = read_source(input, fmt, max_chars=max_chars, **({"fields": dict(fields)} if fields else {}))
-    run = _Run(files, rows, settings, resume)
+    run = _OpenFiles(files, rows, settings, resume)
     bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
     try:
         for k, chunk in enumerate(batched(records, chunk_size)):

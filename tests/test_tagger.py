@@ -14,7 +14,7 @@ import yaml
 
 from abstract_tagger import Tagger
 from abstract_tagger.corpus import Paper
-from abstract_tagger.prediction import CheckpointError, check_checkpoint, choose_backend, logit, sigmoid
+from abstract_tagger.tagger import CheckpointError, check_checkpoint, choose_backend, logit, sigmoid
 
 from helpers import BACKENDS, SPEECH, TRAIN
 
@@ -98,7 +98,7 @@ def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onn
     papers rescored exactly are those near that, not those whose blended score is near the cut (which
     rescored 61% of papers, mostly for their rule scores)."""
     from abstract_tagger.labeling.label_model import MajorityVote
-    from abstract_tagger.prediction import as_paper
+    from abstract_tagger.tagger import as_paper
     from abstract_tagger.rule_blend import RuleBlend, rule_functions
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
@@ -135,14 +135,14 @@ def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):
 
 
 def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
-    from abstract_tagger import prediction
+    from abstract_tagger import tagger as tagger_module
 
-    monkeypatch.setattr(prediction, "_gpu_visible", lambda: False)
+    monkeypatch.setattr(tagger_module, "_gpu_visible", lambda: False)
     assert choose_backend("auto", tiny_onnx_checkpoint) == "onnx"
     assert choose_backend("auto", tiny_checkpoint) == "torch"  # no ONNX graphs: torch, as before publishing
     assert choose_backend("auto", tiny_onnx_checkpoint, device="cuda") == "torch"
     assert choose_backend("torch", tiny_onnx_checkpoint) == "torch"
-    monkeypatch.setattr(prediction, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(tagger_module, "_gpu_visible", lambda: True)
     assert choose_backend("auto", tiny_onnx_checkpoint) == "torch"
     assert choose_backend("onnx", tiny_onnx_checkpoint) == "onnx"
     with pytest.raises(CheckpointError, match="no model.onnx"):
