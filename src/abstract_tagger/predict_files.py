@@ -25,7 +25,7 @@ import numpy as np
 
 from abstract_tagger.config_checks import validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
-from abstract_tagger.tagger import Tagger, choose_backend
+from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,10 @@ def predict_file(
     format: str | None = None,
     fields: Mapping[str, str] | None = None,
     max_chars: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     shard: tuple[int, int] = (0, 1),
     resume: bool = False,
-    on_error: str = "skip",
+    on_error: str | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
     progress: bool = True,
@@ -215,8 +215,13 @@ def predict_file(
 
     Every input record ends up as an output row or, with on_error="skip", a line of
     `<output>.rejects.jsonl`; on_error="raise" stops at the first bad record with file:line: reason.
-    With finalize=False the partial files and journal stay for `merge_parts`.
+    With finalize=False the partial files and journal stay for `merge_parts`. max_chars, chunk_size and
+    on_error left None take conf/predict.yaml's values.
     """
+    defaults = predict_defaults()
+    max_chars = defaults["max_chars"] if max_chars is None else max_chars
+    chunk_size = chunk_size or defaults["chunk_size"]
+    on_error = on_error or defaults["on_error"]
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     files = OutputFiles(Path(output))

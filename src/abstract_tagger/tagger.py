@@ -68,9 +68,11 @@ def check_checkpoint(path: str | Path) -> Path:
 
 @cache
 def predict_defaults() -> dict[str, Any]:
-    """backend, precision, batch_size, recheck_margin and num_threads as conf/predict.yaml sets them."""
+    """The Python API's defaults, as conf/predict.yaml sets them for predict.py: the Tagger's (backend,
+    precision, batch_size, recheck_margin, num_threads) and predict_file's (chunk_size, on_error, max_chars)."""
     conf = OmegaConf.load(_PREDICT_CONF)
-    keys = ("backend", "precision", "batch_size", "recheck_margin", "num_threads")
+    keys = ("backend", "precision", "batch_size", "recheck_margin", "num_threads", "chunk_size", "on_error",
+            "max_chars")
     return {k: OmegaConf.to_container(conf[k]) if OmegaConf.is_config(conf[k]) else conf[k] for k in keys}
 
 
