@@ -263,3 +263,17 @@ def test_published_checkpoint_reproduces_its_test_score(root, taxonomy, tmp_path
     metrics = {m["name"]: m["value"] for m in card["metrics"]}
     assert got.micro_f1 == pytest.approx(metrics["micro-F1"], abs=0.01)
     assert got.macro_f1 == pytest.approx(metrics["macro-F1"], abs=0.01)
+
+
+def test_onnx_export_keeps_onnxruntime_info_out_of_the_logs(tiny_checkpoint, tmp_path, caplog):
+    """The optimizer and quantizer logged every fusion and tensor at INFO: most of a train.log."""
+    import logging
+    import shutil
+
+    from abstract_tagger.onnx_export import export_onnx
+
+    with caplog.at_level(logging.INFO):
+        export_onnx(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+        assert [r.getMessage() for r in caplog.records if r.levelno < logging.WARNING] == []
+        logging.getLogger("after").info("shown again")  # logging is back as it was
+    assert "shown again" in caplog.text

@@ -17,10 +17,13 @@ Export needs torch, transformers and onnx; prediction with the graphs needs only
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import struct
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,11 +199,23 @@ def share_weights(model: onnx.ModelProto, weights: Path) -> tuple[int, int]:
     return shared, halved
 
 
+@contextlib.contextmanager
+def _without_info_logs() -> Iterator[None]:
+    """ONNX Runtime's optimizer and quantizer log every fusion and every tensor at INFO, some through the
+    root logger: 57 of a train.log's 83 lines. Warnings still show."""
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
 def export_onnx(checkpoint: Path) -> dict[str, Path]:
     """Write model.onnx and model_quantized.onnx into `checkpoint`, which must hold model.safetensors."""
     checkpoint = Path(checkpoint)
     written = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _without_info_logs():
         fp32 = export_fp32(checkpoint, Path(tmp))
         int8 = quantize_int8(fp32)
         for name, source in ((ONNX_FP32, fp32), (ONNX_INT8, int8)):
