@@ -19,7 +19,7 @@ import sys
 import unicodedata
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from dataclasses import dataclass, field
@@ -100,6 +100,15 @@ class CorpusStats:
             f"read {self.read} = kept {self.kept} + duplicates {self.duplicates} "
             f"+ rejected {self.rejected}"
         )
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """`write(file)` under a temporary name, then renamed to `path`: a kill never leaves half a file there,
+    and a reader sees the whole file or none (caches that a killed run resumes from)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
 
 
 def file_digest(path: str | Path) -> str:

@@ -63,7 +63,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def _loader(dataset, tokenizer, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
-    """Batches of a tokenised dataset (`training_data.tokenize`): model inputs and `labels`, padded per batch."""
+    """Batches of a tokenised dataset (`training_data`'s, or `papers_dataset`): model inputs and `labels`,
+    padded per batch."""
     columns = [c for c in (*tokenizer.model_input_names, "labels") if c in dataset.column_names]
     return DataLoader(dataset.select_columns(columns), batch_size=batch_size, shuffle=shuffle,
                       num_workers=num_workers, collate_fn=DataCollatorWithPadding(tokenizer),

@@ -27,7 +27,7 @@ from datasets import Dataset, Features, List, Value
 from omegaconf import DictConfig
 
 from abstract_tagger.corpus import CorpusError, GoldSet, Paper, batched
-from abstract_tagger.labeling.weak_labels import WeakLabels
+from abstract_tagger.labeling.weak_labels import WeakLabels, read_chunks
 
 if not sys.stderr.isatty():
     datasets.disable_progress_bars()  # in a log file a bar is hundreds of frames
@@ -82,7 +82,7 @@ class TrainingData:
         for papers, targets, _ in _training_papers(**self.selection):
             if left <= 0:
                 return
-            yield papers[:left], np.asarray(targets[:left], dtype=np.float32).reshape(-1, len(self.held_out_weak[0]))
+            yield papers[:left], np.asarray(targets[:left], dtype=np.float32)  # a chunk yields 1+ papers
             left -= len(papers)
 
 
@@ -90,12 +90,11 @@ def _training_papers(weak_root: str, n_chunks: int, skip_ids: tuple[str, ...], h
                      keep: tuple[int, ...] | None) -> Iterator[tuple[list[Paper], list[list[float]], list[bool]]]:
     """Per weak-label chunk: its training papers, their targets (hand labels where given) and which are
     hand-labelled. `keep`: sorted positions of the sample among the training papers (None: all)."""
-    weak = WeakLabels(root=Path(weak_root), tag_ids=[], report={}, threshold=0.5, n_papers=0, n_chunks=n_chunks)
     skip = set(skip_ids)
     wanted = iter(keep) if keep is not None else None
     next_wanted = next(wanted, None) if wanted is not None else None
     position = 0
-    for papers, probs in weak.chunks():
+    for papers, probs in read_chunks(Path(weak_root), n_chunks):
         chosen: tuple[list[Paper], list[list[float]], list[bool]] = ([], [], [])
         for paper, row in zip(papers, probs):
             if paper.id in skip:

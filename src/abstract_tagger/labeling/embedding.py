@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from abstract_tagger.corpus import write_atomic
 from abstract_tagger.model import BUNDLED_MINILM, resolve_path
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,7 @@ class EmbeddingCache:
         self._added += 1
         stored_keys = np.frombuffer(b"".join(k for k, _ in new), dtype=np.uint8).reshape(-1, KEY_BYTES)
         for kind, array in (("vectors", np.stack([v for _, v in new])), ("keys", stored_keys)):
-            tmp = self.folder / f".{name}.{kind}.npy.partial"
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            tmp.replace(self.folder / f"{name}.{kind}.npy")
+            write_atomic(self.folder / f"{name}.{kind}.npy", lambda f: np.save(f, array))
         self._load()
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from abstract_tagger.corpus import CorpusStats, Paper, batched, file_digest, read_corpus, read_gold_sets
+from abstract_tagger.corpus import CorpusStats, Paper, batched, file_digest, read_corpus, read_gold_sets, write_atomic
 from abstract_tagger.labeling import embedding
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
@@ -60,21 +60,13 @@ def _probs_path(root: Path, i: int) -> Path:
     return root / f"probs-{i:06d}.npy"
 
 
-def _save_atomic(path: Path, write) -> None:
-    """Written under a temporary name and renamed, so a kill never leaves a half file under the real name."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        write(f)
-    tmp.replace(path)
-
-
 def save_chunk(path: Path, papers: list[Paper], votes: np.ndarray) -> None:
     """A chunk's votes, its papers' ids and titles (what the label model's pass and weak_labels.jsonl
     read), and the whole papers for training (zlib-compressed). JSON and arrays, no pickle, so loading
     a chunk cannot run code."""
     index = json.dumps([[p.id, p.title] for p in papers]).encode()
     blob = zlib.compress(json.dumps([[p.abstract, p.categories, p.source, p.line] for p in papers]).encode(), 1)
-    _save_atomic(path, lambda f: np.savez(f, votes=votes, index=np.frombuffer(index, dtype=np.uint8),
+    write_atomic(path, lambda f: np.savez(f, votes=votes, index=np.frombuffer(index, dtype=np.uint8),
                                           papers=np.frombuffer(blob, dtype=np.uint8)))
 
 
@@ -82,6 +74,17 @@ def load_index(path: Path) -> tuple[list[list[str]], np.ndarray]:
     """A chunk's [id, title] pairs and votes."""
     with np.load(path, allow_pickle=False) as saved:
         return json.loads(saved["index"].tobytes()), saved["votes"]
+
+
+def read_chunks(root: Path, n_chunks: int) -> Iterator[tuple[list[Paper], np.ndarray]]:
+    """The kept papers of a finished result in `root`, in corpus order, a chunk at a time, with their
+    probabilities."""
+    for i in range(n_chunks):
+        yield load_chunk(_chunk_path(root, i))[0], _load_probs(root, i)
+
+
+def _load_probs(root: Path, i: int) -> np.ndarray:
+    return np.load(_probs_path(root, i), allow_pickle=False)
 
 
 def load_chunk(path: Path) -> tuple[list[Paper], np.ndarray]:
@@ -107,11 +110,10 @@ class WeakLabels:
 
     def chunks(self) -> Iterator[tuple[list[Paper], np.ndarray]]:
         """The kept papers in corpus order, one chunk at a time, with their probabilities."""
-        for i in range(self.n_chunks):
-            yield self.chunk(i)
+        return read_chunks(self.root, self.n_chunks)
 
     def chunk(self, i: int) -> tuple[list[Paper], np.ndarray]:
-        return load_chunk(_chunk_path(self.root, i))[0], np.load(_probs_path(self.root, i), allow_pickle=False)
+        return load_chunk(_chunk_path(self.root, i))[0], _load_probs(self.root, i)
 
     def index(self, i: int) -> list[list[str]]:
         """Chunk `i`'s [id, title] pairs, without decompressing its papers."""
@@ -122,7 +124,7 @@ class WeakLabels:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "weak_labels.jsonl", "w", encoding="utf-8") as f:
             for i in range(self.n_chunks):
-                for (pid, title), row in zip(self.index(i), np.load(_probs_path(self.root, i), allow_pickle=False)):
+                for (pid, title), row in zip(self.index(i), _load_probs(self.root, i)):
                     p = {tag: round(float(v), 6) for tag, v in zip(self.tag_ids, row)}
                     tags = [tag for tag, v in p.items() if v >= self.threshold]
                     f.write(json.dumps({"id": pid, "title": title, "tags": tags, "probs": p}) + "\n")
@@ -194,7 +196,8 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
     labeling = OmegaConf.to_container(cfg.labeling, resolve=True)
     state = process_state()
-    root = Path(cfg.paths.cache_dir) / "weak_labels" / cache_key(cfg)
+    cache_dir = Path(cfg.paths.cache_dir)
+    root = cache_dir / "weak_labels" / cache_key(cfg)
     if labeling["cache"] and (labels := WeakLabels.load(root)) is not None:
         log.info("%s (cached: %s)", labels.report["corpus"]["summary"], root)
         return labels
@@ -203,8 +206,8 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
             shutil.rmtree(root, ignore_errors=True)  # cache off, or a damaged result: from scratch
         root.mkdir(parents=True, exist_ok=True)
 
-    cache_dir = Path(cfg.paths.cache_dir)
-    functions = build_functions(taxonomy, labeling, lambda: make_encoder(labeling["embedding"], cache_dir, state.device))
+    functions = build_functions(taxonomy, labeling,
+                                lambda: make_encoder(labeling["embedding"], cache_dir, state.device))
     stats, n_chunks = vote_corpus(cfg, functions, root, labeling["chunk_size"], state)
     state.wait_for_everyone()
     if state.is_main_process:
@@ -276,7 +279,7 @@ def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, labeling: dict[str, Any],
     function_stats = FunctionStats(names, taxonomy.ids)
     for i in range(n_chunks):
         index, votes = load_index(_chunk_path(root, i))
-        _save_atomic(_probs_path(root, i), lambda f: np.save(f, in_use.predict_proba(votes).astype(np.float32)))
+        write_atomic(_probs_path(root, i), lambda f: np.save(f, in_use.predict_proba(votes).astype(np.float32)))
         function_stats.add(votes)
         rows = [r for r, (pid, _) in enumerate(index) if pid in gold_ids]
         gold_papers += [Paper(*index[r], abstract="") for r in rows]
