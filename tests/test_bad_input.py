@@ -185,3 +185,27 @@ def test_property_mutated_files_balance_and_keep_good_records(tmp_path, name, n,
                 (rec["id"], rec["title"], rec["abstract"].strip())
             assert key in found, (rec["title"], mutated)
 
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_lone_cr_inside_a_line_does_not_shift_line_numbers(tmp_path, name):
+    """A stray `\\r` inside a line (hypothesis found it): Python's universal newlines split the line in
+    two, so every later line was reported one too far, unlike editors and `wc -l`."""
+    write, header = FORMATS[name]
+    lines = write(GOOD[:3])
+    k = header + (2 if name == "p.txt" else 1)  # inside the second record's first line
+    lines[k] = lines[k][:5] + b"\r" + lines[k][5:]
+    lines.insert(len(lines) - 1, b'{"broken' if name == "p.jsonl" else b"a,b" if name == "p.csv" else b"x" * 300)
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    # 1-based: the inserted faulty line; in the seed dump, the real abstract after it, now in a title's place
+    bad_line = len(lines) if name == "p.txt" else len(lines) - 1
+    rejects = tmp_path / "rejects.jsonl"
+    try:
+        kept = list(read_corpus({"s": {"path": str(path)}}, on_error="skip", rejects_path=rejects))
+    except CorpusError as e:  # the seed dump's structural check
+        assert name == "p.txt" and e.line == bad_line
+        return
+    reported = [json.loads(r)["line"] for r in rejects.read_text().splitlines()]
+    assert set(reported) - {k + 1} == {bad_line}  # perhaps the damaged line's pieces, and the faulty line
+    assert {p.title for p in kept} >= {GOOD[0]["title"], GOOD[2]["title"]}

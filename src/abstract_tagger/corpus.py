@@ -175,10 +175,12 @@ class _TitleDigests:
         return True
 
 
-def open_text(path: str | Path) -> IO[str]:
+def open_text(path: str | Path, newline: str = "\n") -> IO[str]:
     """Open a text file, `.gz` or `-` (stdin) with undecodable bytes kept as lone surrogates, so a
-    bad byte fails its own record rather than the whole file. A leading BOM is dropped."""
-    options = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
+    bad byte fails its own record rather than the whole file. A leading BOM is dropped. Only `\n`
+    ends a line, as in editors and `wc -l` (the csv module needs `newline=""`, where a lone `\r` ends
+    one too)."""
+    options = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": newline}
     if str(path) == "-":
         return io.TextIOWrapper(sys.stdin.buffer, **options)
     if str(path).endswith(".gz"):
@@ -198,14 +200,29 @@ def _open_binary(path: str | Path) -> Iterator[IO[bytes]]:
             yield f
 
 
-def _lines(source: str, f: Iterable[Any]) -> Iterator[Any]:
-    """The lines of `f`; a read failure (say, a truncated `.gz`) names the line it stopped at."""
-    lineno = 0
-    try:
-        for lineno, line in enumerate(f, start=1):
-            yield line
-    except _READ_ERRORS as e:
-        raise CorpusError(source, lineno + 1, f"cannot read the file: {e}") from e
+class _Lines:
+    """The lines of `f`, numbered as editors and `wc -l` number them: a lone `\r` that splits a line
+    for the csv module does not start a new one. A read failure (say, a truncated `.gz`) names the
+    line it stopped at."""
+
+    def __init__(self, source: str, f: Iterable[Any]):
+        self.source, self.f = source, f
+        self.line = 0  # the line of the piece yielded last
+        self._next = 1
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for piece in self.f:
+                self.line = self._next
+                self._next += piece[-1:] in ("\n", b"\n")
+                yield piece
+        except _READ_ERRORS as e:
+            raise CorpusError(self.source, self._next, f"cannot read the file: {e}") from e
+
+    @property
+    def next_line(self) -> int:
+        """The line the next piece starts on."""
+        return self._next
 
 
 def detect_format(path: str | Path) -> str:
@@ -277,7 +294,7 @@ def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int 
     it is read whole to check its structure before yielding anything."""
     source = str(path)
     with open_text(path) as f:
-        lines = [(i, ln.rstrip("\r\n")) for i, ln in enumerate(_lines(source, f), start=1)]
+        lines = [(i, ln.rstrip("\r\n")) for i, ln in enumerate(_Lines(source, f), start=1)]
     body = [(i, ln) for i, ln in lines[_SEED_HEADER_LINES:] if ln.strip()]
     if not body:
         raise CorpusError(source, len(lines), "no papers after the two header lines")
@@ -314,7 +331,7 @@ def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int | N
     source = str(path)
     names = _field_names(fields)
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(_lines(source, f), start=1):
+        for lineno, raw in enumerate(_Lines(source, f), start=1):
             if lineno == 1:
                 raw = raw.removeprefix(_BOM)
             if not raw.strip():
@@ -354,10 +371,11 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None 
     categories to columns). Quoted fields may span lines; a record's line is where it starts."""
     source = str(path)
     names = _field_names(fields)
-    with open_text(path) as f:
+    with open_text(path, newline="") as f:
+        lines = _Lines(source, f)
         # strict: a quote left open runs to the end of the file, which without it is one silent field
         # swallowing every later record; with it, the end of data inside quotes is an error.
-        reader = csv.reader(_lines(source, f), strict=True)
+        reader = csv.reader(lines, strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -368,9 +386,8 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None 
         missing = [names[k] for k in ("title", "abstract") if names[k] not in col]
         if missing:
             raise CorpusError(source, 1, f"CSV header lacks column(s) {missing}; it has {header}")
-        end = reader.line_num
         while True:
-            start = end + 1
+            start = lines.next_line  # the reader reads no further ahead than the record it returns
             try:
                 row = next(reader)
             except StopIteration:
@@ -380,7 +397,6 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None 
                 # limit): what follows cannot be trusted, so this stops the run in every mode.
                 raise CorpusError(source, start, f"malformed CSV: {e} (a quote opened in this record is "
                                                  "never closed?)") from None
-            end = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
@@ -521,7 +537,7 @@ def read_gold(path: str | Path, known_tags: Iterable[str]) -> GoldSet:
     titles: dict[str, str | None] = {}
     lines: dict[str, int] = {}
     with open_text(path) as f:
-        for lineno, raw in enumerate(_lines(source, f), start=1):
+        for lineno, raw in enumerate(_Lines(source, f), start=1):
             if not raw.strip():
                 continue
             try:
