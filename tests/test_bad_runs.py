@@ -183,7 +183,7 @@ def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonom
         tok, length = backbone.tokenizer, cfg.model.max_length
         training.fit(cfg.trainer, accelerator, model, tok, labelled_dataset(papers[:-8], probs[:-8], tok, length),
                      labelled_dataset(papers[-8:], probs[-8:], tok, length), (probs[-8:] > 0.5).astype(np.int8),
-                     taxonomy.ids, tmp_path / "state", cfg.trainer.epochs)
+                     taxonomy.ids, tmp_path / "state", training.Phase.weak(cfg.trainer))
     assert not (tmp_path / "state").exists()
 
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
 
 from abstract_tagger import Tagger, pipeline
@@ -17,7 +18,7 @@ from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_seed_dump
 from abstract_tagger.labeling.label_model import MajorityVote
 from abstract_tagger.tagger import CheckpointError
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns, rule_functions
-from abstract_tagger.training_data import training_data
+from abstract_tagger.training_data import papers_dataset, training_data
 from helpers import BACKENDS, SPEECH, TRAIN, minilm_tokenizer, weak_labels_on_disk
 
 
@@ -205,3 +206,55 @@ def test_papers_are_tokenised_a_thousand_at_a_time():
     inputs = encode(spy, papers, 32)
     assert calls == [1000, 1000, 500]
     assert inputs == dict(tokenizer([p.text for p in papers], truncation=True, max_length=32))
+
+
+def test_clean_phase_trains_on_hand_labels_alone_and_moves_towards_them(root, papers, taxonomy, tmp_path,
+                                                                         monkeypatch):
+    tags = ["nlp", "speech-audio", "computer-vision", "reinforcement-learning"]
+    hand_rows = {10 + i: [tags[i % 4]] for i in range(8)}
+    cfg = make_cfg(root, "trainer.epochs=1", "trainer.batch_size=4", "trainer.log_every=1", "trainer.pos_weight=null",
+                   "trainer.clean_phase.epochs=8", "trainer.clean_phase.lr=3e-3", "trainer.hand_weight=3",
+                   f"paths.cache_dir={tmp_path / 'cache'}")
+    weak = np.full((40, len(taxonomy)), 0.2, dtype=np.float32)
+    data = data_of(cfg, tmp_path, papers, weak, {"dev": {"a": gold_set(papers, {i: ["nlp"] for i in range(8)})}},
+                   gold_set(papers, hand_rows), taxonomy)
+    set_seed(cfg.seed)
+    backbone = pipeline.load_model(cfg, taxonomy.ids)
+    accelerator = pipeline.make_accelerator(cfg)
+    hand_data = papers_dataset([papers[r] for r in hand_rows], backbone.tokenizer, 64)
+    hand_labels = np.array([[float(t in row_tags) for t in taxonomy.ids] for row_tags in hand_rows.values()])
+
+    def hand_loss(model):  # mean BCE of the model's scores against the hand labels
+        p = np.clip(pipeline.model_probs(cfg, accelerator, model, backbone.tokenizer, hand_data), 1e-6, 1 - 1e-6)
+        return -np.mean(hand_labels * np.log(p) + (1 - hand_labels) * np.log(1 - p))
+
+    seen, before = [], []
+    fit = pipeline.fit
+
+    def spy(t, accelerator, model, tokenizer, train_data, *args):
+        seen.append((train_data["id"], np.array(train_data["labels"])))
+        before.append(hand_loss(model))
+        return fit(t, accelerator, model, tokenizer, train_data, *args)
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    trained = pipeline.train(cfg, accelerator, backbone, data, taxonomy.ids, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["clean", "round-0"]
+    assert len(seen) == 2 and len(seen[0][0]) == 32  # every training paper, then the hand-labelled ones alone
+    assert seen[1][0] == [papers[r].id for r in hand_rows]
+    np.testing.assert_array_equal(seen[1][1], hand_labels)  # hard targets, not the weak 0.2
+    clean = trained.rounds[1]
+    assert np.mean(clean.losses[-3:]) < 0.8 * np.mean(clean.losses[:3])
+    # The clean phase moves the model to the hand labels (it starts where the weak-label epochs left it).
+    assert hand_loss(trained.backbone.model) < 0.8 * before[1]
+
+
+def test_hand_weight_counts_hand_labelled_papers_more():
+    import torch
+
+    from abstract_tagger.training import _weighted_mean
+
+    losses = torch.tensor([[1.0, 1.0], [3.0, 5.0]])  # per-paper means 1 and 4
+    hand = torch.tensor([False, True])
+    assert _weighted_mean(losses, hand, 1.0).item() == 2.5
+    assert _weighted_mean(losses, hand, 3.0).item() == (1 + 3 * 4) / 4
+    assert _weighted_mean(losses, None, 3.0).item() == 2.5

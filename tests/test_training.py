@@ -148,6 +148,10 @@ def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
     ("data.sources.seed.path=/no/such/seed.txt", "data.sources.seed.path"),
     ("trainer.resume=/no/such/state", "trainer.resume"),
     ("export.dtype=int8", "export.dtype"),
+    ("trainer.hand_weight=0", "trainer.hand_weight"),
+    ("trainer.clean_phase.epochs=-1", "trainer.clean_phase.epochs"),
+    ("trainer.clean_phase.epochs=2", "trainer.clean_phase.epochs"),  # without data.gold_train
+    ("trainer.clean_phase.lr=0", "trainer.clean_phase.lr"),
 ])
 def test_bad_config_values_name_the_key(root, taxonomy, override, key):
     cfg = make_cfg(root, override.replace("+trainer.pos_weight", "trainer.pos_weight"))
@@ -156,7 +160,7 @@ def test_bad_config_values_name_the_key(root, taxonomy, override, key):
 
 
 @pytest.mark.parametrize("overrides", [(), ("model=minilm", "trainer.pos_weight={nlp: 2.0}"), ("data=seed_only",),
-                                       ("experiment=smoke",)])
+                                       ("experiment=smoke",), ("trainer/loss=asl", "trainer.pos_weight=null")])
 def test_shipped_configs_are_valid(root, taxonomy, overrides):
     cfg = make_cfg(root, *overrides)
     assert validate(cfg, taxonomy.ids) is None  # raises ConfigError on the first bad value

@@ -123,6 +123,21 @@ def _self_training(training: Mapping[str, Any]) -> str:
             f"{1 - w:g} x weak labels + {w:g} x the model's own probabilities")
 
 
+def _hand_labels(training: Mapping[str, Any]) -> str:
+    n = training.get("hand_papers") or 0
+    if not n:
+        return ""
+    weight = training.get("hand_weight", 1)
+    return (f"\n- Hand labels: {n} training papers labelled by reading (the annotation rules of the gold sets;"
+            f" none in a dev or test set) replace their weak labels as hard targets"
+            + (f", counted {weight:g}x in the loss" if weight != 1 else "") + ".")
+
+
+def _clean_phase(training: Mapping[str, Any]) -> str:
+    epochs = training.get("clean_phase_epochs") or 0
+    return f", then {epochs} epoch(s) on the hand-labelled papers alone" if epochs else ""
+
+
 def model_card(
     *,
     backbone: str,
@@ -160,8 +175,9 @@ Tags a research-paper abstract (input: `"<title>. <abstract>"`) with {len(taxono
 - Corpus: {sources}; {corpus.get('train', '?')} papers used for training. Held out (hand-labelled,
   never trained on): {held_out}.
 - Targets: soft labels (probabilities) from a label model over labelling functions: {lfs}.
-  Gold labels of the dev and test sets are never training targets.
-- Training: {training.get('epochs')} epoch(s) on the weak labels{_self_training(training)}; batch size
+  Gold labels of the dev and test sets are never training targets.{_hand_labels(training)}
+- Training: {training.get('epochs')} epoch(s) on the weak labels{_self_training(training)}{_clean_phase(training)};
+  loss {training.get('loss', 'BCE')} (pos_weight {training.get('pos_weight')}); batch size
   {training.get('batch_size')}, max length {training.get('max_length')} tokens, learning rate {training.get('lr')}
   (head {training.get('head_lr')}), precision {training.get('precision')}, seed {training.get('seed')}.
 

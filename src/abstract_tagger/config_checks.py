@@ -121,6 +121,16 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     _require(isinstance(st.rounds, int) and st.rounds >= 0, "trainer.self_training.rounds", "must be an integer >= 0",
              st.rounds)
     _require(0 <= st.model_weight <= 1, "trainer.self_training.model_weight", "must be in [0, 1]", st.model_weight)
+    _positive(cfg, "trainer.hand_weight")
+    cp = t.clean_phase
+    _require(isinstance(cp.epochs, int) and not isinstance(cp.epochs, bool) and cp.epochs >= 0,
+             "trainer.clean_phase.epochs", "must be an integer >= 0", cp.epochs)
+    _require(not cp.epochs or cfg.data.gold_train, "trainer.clean_phase.epochs",
+             "a clean phase trains on hand labels: set data.gold_train", cp.epochs)
+    _positive(cfg, "trainer.clean_phase.lr")
+    _positive(cfg, "trainer.clean_phase.head_lr", allow_none=True)
+    _require(isinstance(t.get("loss"), DictConfig) and isinstance(t.loss.get("_target_"), str), "trainer.loss",
+             "must name a loss class in _target_ (trainer/loss=bce|asl)", t.get("loss"))
     th = cfg.thresholds
     _require(th.policy in ("auto", *POLICIES), "thresholds.policy", f"must be auto or one of {POLICIES}", th.policy)
     _require(len(th.candidates) > 0 and set(th.candidates) <= set(POLICIES), "thresholds.candidates",

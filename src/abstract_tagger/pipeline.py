@@ -32,7 +32,7 @@ from abstract_tagger.labeling.label_model import LearnedLabelModel
 from abstract_tagger.model import Backbone, load_backbone
 from abstract_tagger.rule_blend import RuleBlend, choose_weight, rule_functions
 from abstract_tagger.taxonomy import Taxonomy
-from abstract_tagger.training import FitResult, _loader, fit, make_accelerator, predict_probs
+from abstract_tagger.training import FitResult, Phase, _loader, fit, make_accelerator, predict_probs
 from abstract_tagger.training_data import Split, TrainingData, papers_dataset, training_data
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,12 @@ class Trained:
 
 def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: TrainingData, tag_ids: list[str],
           run_dir: Path) -> Trained:
-    """Fit on the weak targets, then `trainer.self_training.rounds` rounds: relabel the training papers
-    with a mix of the model's and the labelling functions' probabilities and continue training on them
-    (hand labels stay). The model learns what the two agree on and smooths what each gets wrong alone."""
-    t, st = cfg.trainer, cfg.trainer.self_training
+    """Fit on the weak targets (hand labels in place of those papers' weak ones), then
+    `trainer.self_training.rounds` rounds: relabel the training papers with a mix of the model's and the
+    labelling functions' probabilities and continue training on them (hand labels stay): the model learns
+    what the two agree on and smooths what each gets wrong alone. Last, `trainer.clean_phase`: the
+    hand-labelled papers alone, so their clean labels have the last word."""
+    t, st, cp = cfg.trainer, cfg.trainer.self_training, cfg.trainer.clean_phase
     model = accelerator.prepare(backbone.model)
     tokenizer, max_length = backbone.tokenizer, cfg.model.max_length
     train_data = data.train
@@ -82,8 +84,15 @@ def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: T
                 "labels", mixed.astype(np.float32).tolist(), feature=train_data.features["labels"])
             accelerator.print(f"self-training round {r}: targets = {1 - st.model_weight:g} x weak labels + "
                               f"{st.model_weight:g} x model")
+        phase = Phase.weak(t) if r == 0 else Phase(f"round-{r}", st.epochs, t.lr, t.head_lr, t.max_steps)
         trained.rounds.append(fit(t, accelerator, model, tokenizer, round_data, dev_data, dev_gold, tag_ids,
-                                  run_dir / STATE_DIR / f"round-{r}", t.epochs if r == 0 else st.epochs))
+                                  run_dir / STATE_DIR / phase.name, phase))
+    if cp.epochs:
+        clean = train_data.select(np.flatnonzero(train_data.with_format("numpy")["hand"]))
+        accelerator.print(f"clean phase: {len(clean)} hand-labelled papers, {cp.epochs} epoch(s)")
+        phase = Phase("clean", cp.epochs, cp.lr, cp.head_lr)
+        trained.rounds.append(fit(t, accelerator, model, tokenizer, clean, dev_data, dev_gold, tag_ids,
+                                  run_dir / STATE_DIR / phase.name, phase))
     backbone.model = model
     return trained
 
@@ -259,7 +268,9 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, 
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     corpus = {"sources": {n: s["kept"] for n, s in weak.report["corpus"]["per_source"].items()},
               "train": len(data.train), "held_out": {n: len(r) for n, r in data.split.sets.items()}}
-    training = {"epochs": t.epochs, "self_training_rounds": t.self_training.rounds,
+    training = {"epochs": t.epochs, "loss": t.loss._target_.rsplit(".", 1)[-1], "pos_weight": t.pos_weight,
+                "hand_papers": data.n_hand, "hand_weight": t.hand_weight, "clean_phase_epochs": t.clean_phase.epochs,
+                "self_training_rounds": t.self_training.rounds,
                 "self_training_epochs": t.self_training.epochs, "self_training_model_weight": t.self_training.model_weight,
                 "batch_size": t.batch_size * accelerator.num_processes * t.grad_accum,
                 "max_length": cfg.model.max_length, "lr": t.lr, "head_lr": t.head_lr or t.lr,

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
-from omegaconf import DictConfig
 from datasets import Dataset
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler
 
@@ -65,7 +66,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 def _loader(dataset, tokenizer, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
     """Batches of a tokenised dataset (`training_data`'s, or `papers_dataset`): model inputs and `labels`,
     padded per batch."""
-    columns = [c for c in (*tokenizer.model_input_names, "labels") if c in dataset.column_names]
+    columns = [c for c in (*tokenizer.model_input_names, "labels", "hand") if c in dataset.column_names]
     return DataLoader(dataset.select_columns(columns), batch_size=batch_size, shuffle=shuffle,
                       num_workers=num_workers, collate_fn=DataCollatorWithPadding(tokenizer),
                       generator=torch.Generator() if shuffle else None)
@@ -110,6 +111,14 @@ def _pos_weight(spec, tag_ids: list[str], train_data: Dataset, cap: float) -> to
     return torch.tensor([float(spec.get(t, 1.0)) for t in tag_ids], dtype=torch.float32)
 
 
+def _weighted_mean(losses: torch.Tensor, hand: torch.Tensor | None, hand_weight: float) -> torch.Tensor:
+    """The mean of a [papers, tags] loss, hand-labelled papers counted `hand_weight` times."""
+    if hand is None or hand_weight == 1:
+        return losses.mean()
+    weights = 1 + (hand_weight - 1) * hand.to(losses.dtype)
+    return (losses.mean(1) * weights).sum() / weights.sum()
+
+
 def _states(state_root: Path) -> list[Path]:
     """The complete states, oldest first."""
     states = [p for p in state_root.glob("batch-*") if _STATE.fullmatch(p.name)]
@@ -119,6 +128,22 @@ def _states(state_root: Path) -> list[Path]:
 def _latest_state(state_root: Path) -> Path | None:
     states = _states(state_root)
     return states[-1] if states else None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One call of `fit`: how long and how fast (`max_steps`, where set, replaces `epochs`)."""
+
+    name: str
+    epochs: int
+    lr: float
+    head_lr: float | None
+    max_steps: int | None = None
+
+    @classmethod
+    def weak(cls, t: DictConfig) -> Phase:
+        """The first phase: `trainer.epochs` (or `trainer.max_steps`) on the weak labels."""
+        return cls("round-0", t.epochs, t.lr, t.head_lr, t.max_steps)
 
 
 @dataclass
@@ -146,20 +171,22 @@ def fit(
     dev_gold: np.ndarray,
     tag_ids: list[str],
     state_root: Path,
-    epochs: int,
+    phase: Phase,
 ) -> FitResult:
-    """Fine-tune the prepared `model` on the soft `labels` of `train_data` (tokenised) for `epochs`
-    epochs, or `t.max_steps` optimizer steps where set (`t` is the trainer config); score dev each
-    epoch. States go to `state_root`, so a killed run continues with trainer.resume=auto."""
+    """Fine-tune the prepared `model` on the soft `labels` of `train_data` (tokenised) for the phase's
+    epochs, or its `max_steps` optimizer steps where set (`t` is the trainer config: batches, loss,
+    schedule); score dev each epoch. States go to `state_root`, so a killed run continues with
+    trainer.resume=auto."""
     train_loader = _loader(train_data, tokenizer, t.batch_size, True, t.num_workers)
     dev_loader = _loader(dev_data, tokenizer, t.eval_batch_size, False, t.num_workers)
-    optimizer = _optimizer(model, t.lr, t.head_lr, t.weight_decay)
+    optimizer = _optimizer(model, phase.lr, phase.head_lr, t.weight_decay)
     batches_per_epoch = math.ceil(len(train_data) / (t.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
+    epochs = phase.epochs
     total_batches = batches_per_epoch * epochs
-    if t.max_steps is not None:
+    if phase.max_steps is not None:
         # A budget in optimizer steps: as many epochs as it takes, the last one possibly cut short.
-        full, rest = divmod(t.max_steps, steps_per_epoch)
+        full, rest = divmod(phase.max_steps, steps_per_epoch)
         total_batches = full * batches_per_epoch + min(rest * t.grad_accum, batches_per_epoch)
         epochs = math.ceil(total_batches / batches_per_epoch)
 
@@ -176,9 +203,8 @@ def fit(
                               num_training_steps=total_steps * accelerator.num_processes)
     optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(optimizer, train_loader, dev_loader,
                                                                          scheduler)
-    pos_weight = _pos_weight(t.pos_weight, tag_ids, train_data, t.pos_weight_cap)
-    loss_fn = torch.nn.BCEWithLogitsLoss(
-        pos_weight=pos_weight.to(accelerator.device) if pos_weight is not None else None)
+    loss_fn = instantiate(t.loss, pos_weight=_pos_weight(t.pos_weight, tag_ids, train_data, t.pos_weight_cap))
+    loss_fn.to(accelerator.device)
 
     done_batches = 0
     resume_from = _latest_state(state_root) if t.resume == "auto" else (Path(t.resume) if t.resume else None)
@@ -198,7 +224,7 @@ def fit(
         # A NaN/inf loss poisons every weight: stop before it is saved or exported.
         if not math.isfinite(loss_value):
             raise ValueError(f"training diverged: loss {loss_value} at optimizer step {optimizer_steps(done_batches)}"
-                             f" (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}); lower the learning rates")
+                             f" ({phase.name}: lr={phase.lr}, head_lr={phase.head_lr}); lower the learning rates")
 
     def save_state(mid_epoch: bool = False) -> None:
         check_finite(accelerator.reduce(loss.detach(), "mean").item())
@@ -235,8 +261,9 @@ def fit(
         for batch in loader:
             with accelerator.accumulate(model):
                 targets = batch.pop("labels")
+                hand = batch.pop("hand", None)
                 logits = model(**batch).logits
-                loss = loss_fn(logits.float(), targets.float())
+                loss = _weighted_mean(loss_fn(logits.float(), targets.float()), hand, t.hand_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
