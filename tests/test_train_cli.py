@@ -104,3 +104,43 @@ def test_bad_value_fails_at_start_naming_the_key(root, tmp_path, override, key):
     assert proc.returncode != 0
     assert f"error: {key}=" in proc.stderr
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_optuna_search_space_names_existing_settings_and_a_dev_metric(root):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from abstract_tagger.config_checks import register_resolvers
+    from abstract_tagger.pipeline import check_optimized_metric
+
+    register_resolvers()
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=minilm", "hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key  # a typo would sweep nothing
+    assert cfg.optimized_metric.startswith("dev/")
+    check_optimized_metric(cfg)
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_two_trials_and_reports_the_best(root, tmp_path):
+    from abstract_tagger.corpus import read_seed_dump
+
+    # Hand labels for seed papers outside gold_dev, so the search's clean-phase trials have some.
+    dev_ids = {json.loads(line)["id"] for line in (root / "data/gold_dev.jsonl").open()}
+    hand = [p for p in read_seed_dump(root / "data/hf_papers_seed.txt") if p.id not in dev_ids][:20]
+    (tmp_path / "hand.jsonl").write_text("".join(
+        json.dumps({"id": p.id, "title": p.title, "tags": [("nlp", "computer-vision")[i % 2]]}) + "\n"
+        for i, p in enumerate(hand)))
+    proc = train(root, *SMALL, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                 f"data.gold_train={tmp_path / 'hand.jsonl'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+
+    result = yaml.safe_load((tmp_path / "sweep/optimization_results.yaml").read_text())
+    values = [json.loads((tmp_path / "sweep" / n / "metrics.json").read_text())["scores"]["dev"]["shipped"]
+              for n in ("0", "1")]
+    assert result["best_value"] == pytest.approx(max((v["micro_f1"] + v["macro_f1"]) / 2 for v in values))
+    assert set(result["best_params"]) == {"trainer.lr", "trainer.head_lr", "trainer.epochs", "trainer.hand_weight",
+                                          "trainer.clean_phase.epochs"}

@@ -59,7 +59,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
 
 
-def _require(ok: bool, key: str, message: str, value) -> None:
+def require(ok: bool, key: str, message: str, value) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {message}")
 
@@ -70,26 +70,26 @@ def _positive(cfg: DictConfig, key: str, *, integer: bool = False, allow_none: b
         return
     kind = int if integer else (int, float)
     # isfinite: trainer.lr=inf trains to NaN weights.
-    _require(isinstance(value, kind) and not isinstance(value, bool) and value > 0 and math.isfinite(value), key,
+    require(isinstance(value, kind) and not isinstance(value, bool) and value > 0 and math.isfinite(value), key,
              f"must be a positive {'integer' if integer else 'number'}", value)
 
 
 def _one_of(cfg: DictConfig, key: str, choices: tuple) -> None:
     value = OmegaConf.select(cfg, key)
-    _require(value in choices, key, f"must be one of {choices}", value)
+    require(value in choices, key, f"must be one of {choices}", value)
 
 
 def _fraction(cfg: DictConfig, key: str, *, allow_none: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if value is None and allow_none:
         return
-    _require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1, key,
+    require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1, key,
              "must be a number in [0, 1]", value)
 
 
 def _existing_file(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
-    _require(isinstance(value, str) and Path(value).is_file(), key, "file not found", value)
+    require(isinstance(value, str) and Path(value).is_file(), key, "file not found", value)
 
 
 def _validate_data(cfg: DictConfig) -> None:
@@ -98,7 +98,7 @@ def _validate_data(cfg: DictConfig) -> None:
         _existing_file(cfg, f"data.sources.{name}.path")
     for split, named in cfg.data.gold.items():
         for name, path in (named or {}).items():
-            _require(path is None or Path(path).is_file(), f"data.gold.{split}.{name}", "file not found", path)
+            require(path is None or Path(path).is_file(), f"data.gold.{split}.{name}", "file not found", path)
     _one_of(cfg, "data.on_error", ("raise", "skip"))
     _positive(cfg, "data.max_chars", integer=True)
     _positive(cfg, "data.max_train_papers", integer=True, allow_none=True)
@@ -118,50 +118,50 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     _positive(cfg, "trainer.max_steps", integer=True, allow_none=True)
     _positive(cfg, "export.review_pool", integer=True)
     st = t.self_training
-    _require(isinstance(st.rounds, int) and st.rounds >= 0, "trainer.self_training.rounds", "must be an integer >= 0",
+    require(isinstance(st.rounds, int) and st.rounds >= 0, "trainer.self_training.rounds", "must be an integer >= 0",
              st.rounds)
-    _require(0 <= st.model_weight <= 1, "trainer.self_training.model_weight", "must be in [0, 1]", st.model_weight)
+    require(0 <= st.model_weight <= 1, "trainer.self_training.model_weight", "must be in [0, 1]", st.model_weight)
     _positive(cfg, "trainer.hand_weight")
     cp = t.clean_phase
-    _require(isinstance(cp.epochs, int) and not isinstance(cp.epochs, bool) and cp.epochs >= 0,
+    require(isinstance(cp.epochs, int) and not isinstance(cp.epochs, bool) and cp.epochs >= 0,
              "trainer.clean_phase.epochs", "must be an integer >= 0", cp.epochs)
-    _require(not cp.epochs or cfg.data.gold_train, "trainer.clean_phase.epochs",
+    require(not cp.epochs or cfg.data.gold_train, "trainer.clean_phase.epochs",
              "a clean phase trains on hand labels: set data.gold_train", cp.epochs)
     _positive(cfg, "trainer.clean_phase.lr")
     _positive(cfg, "trainer.clean_phase.head_lr", allow_none=True)
-    _require(isinstance(t.get("loss"), DictConfig) and isinstance(t.loss.get("_target_"), str), "trainer.loss",
+    require(isinstance(t.get("loss"), DictConfig) and isinstance(t.loss.get("_target_"), str), "trainer.loss",
              "must name a loss class in _target_ (trainer/loss=bce|asl)", t.get("loss"))
     th = cfg.thresholds
-    _require(th.policy in ("auto", *POLICIES), "thresholds.policy", f"must be auto or one of {POLICIES}", th.policy)
-    _require(len(th.candidates) > 0 and set(th.candidates) <= set(POLICIES), "thresholds.candidates",
+    require(th.policy in ("auto", *POLICIES), "thresholds.policy", f"must be auto or one of {POLICIES}", th.policy)
+    require(len(th.candidates) > 0 and set(th.candidates) <= set(POLICIES), "thresholds.candidates",
              f"must be a non-empty list of {POLICIES}", list(th.candidates))
-    _require(0 < th.default < 1, "thresholds.default", "must be in (0, 1)", th.default)
-    _require(isinstance(th.folds, int) and th.folds >= 2, "thresholds.folds", "k-fold needs at least 2 folds", th.folds)
-    _require(0 < th.grid.start < th.grid.stop < 1 and th.grid.step > 0, "thresholds.grid",
+    require(0 < th.default < 1, "thresholds.default", "must be in (0, 1)", th.default)
+    require(isinstance(th.folds, int) and th.folds >= 2, "thresholds.folds", "k-fold needs at least 2 folds", th.folds)
+    require(0 < th.grid.start < th.grid.stop < 1 and th.grid.step > 0, "thresholds.grid",
              "needs 0 < start < stop < 1 and step > 0", OmegaConf.to_container(th.grid))
-    _require(len(cfg.rule_blend.weights) > 0 and all(0 <= w <= 1 for w in cfg.rule_blend.weights),
+    require(len(cfg.rule_blend.weights) > 0 and all(0 <= w <= 1 for w in cfg.rule_blend.weights),
              "rule_blend.weights", "must be a non-empty list of weights in [0, 1]", list(cfg.rule_blend.weights))
-    _require(t.save_every is None or (isinstance(t.save_every, int) and t.save_every >= 0),
+    require(t.save_every is None or (isinstance(t.save_every, int) and t.save_every >= 0),
              "trainer.save_every", "must be 0/null (epoch ends only) or a number of optimizer steps", t.save_every)
-    _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
-    _require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
-    _require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}", t.precision)
+    require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
+    require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
+    require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}", t.precision)
     pos_weight = t.pos_weight
     if isinstance(pos_weight, DictConfig):
         unknown = sorted(set(pos_weight) - set(tag_ids))
-        _require(not unknown, "trainer.pos_weight", f"unknown tag(s) {unknown}; known: {', '.join(tag_ids)}",
+        require(not unknown, "trainer.pos_weight", f"unknown tag(s) {unknown}; known: {', '.join(tag_ids)}",
                  OmegaConf.to_container(pos_weight))
         for tag in pos_weight:
             _positive(cfg, f"trainer.pos_weight.{tag}")
     else:
-        _require(pos_weight in (None, "auto"), "trainer.pos_weight", "must be null, 'auto' or {tag: weight}", pos_weight)
-    _require(t.resume in (None, "auto") or Path(t.resume).is_dir(), "trainer.resume",
+        require(pos_weight in (None, "auto"), "trainer.pos_weight", "must be null, 'auto' or {tag: weight}", pos_weight)
+    require(t.resume in (None, "auto") or Path(t.resume).is_dir(), "trainer.resume",
              "must be null, 'auto' or an existing state directory", t.resume)
-    _require(cfg.export.dtype in EXPORT_DTYPES, "export.dtype", f"must be one of {EXPORT_DTYPES}", cfg.export.dtype)
-    _require(isinstance(cfg.export.review_size, int) and cfg.export.review_size >= 0, "export.review_size",
+    require(cfg.export.dtype in EXPORT_DTYPES, "export.dtype", f"must be one of {EXPORT_DTYPES}", cfg.export.dtype)
+    require(isinstance(cfg.export.review_size, int) and cfg.export.review_size >= 0, "export.review_size",
              "must be an integer >= 0", cfg.export.review_size)
     validate_label(cfg)
-    _require(not cfg.data.gold_train or Path(cfg.data.gold_train).is_file(), "data.gold_train", "file not found",
+    require(not cfg.data.gold_train or Path(cfg.data.gold_train).is_file(), "data.gold_train", "file not found",
              cfg.data.gold_train)
 
 
@@ -197,7 +197,7 @@ def validate_predict(cfg: DictConfig) -> None:
     # In logit units: a number for every reduced precision, or {precision: margin}.
     margin = cfg.recheck_margin
     margins = OmegaConf.to_container(margin) if isinstance(margin, DictConfig) else {"": margin}
-    _require(all(k in ("", *PRECISIONS) for k in margins) and all(
+    require(all(k in ("", *PRECISIONS) for k in margins) and all(
         isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf for v in margins.values()),
         "recheck_margin", f"must be a number >= 0 or a mapping {{precision: number >= 0}} of {PRECISIONS[1:]}",
         OmegaConf.to_container(margin) if isinstance(margin, DictConfig) else margin)
@@ -209,40 +209,40 @@ def validate_predict(cfg: DictConfig) -> None:
         parse_shard(cfg.shard)
     except ValueError as e:
         raise ConfigError(f"shard={cfg.shard!r}: {e}") from None
-    _require(cfg.fields is None or (isinstance(cfg.fields, DictConfig) and all(isinstance(v, str) for v in
+    require(cfg.fields is None or (isinstance(cfg.fields, DictConfig) and all(isinstance(v, str) for v in
              cfg.fields.values())), "fields", "must be a mapping like {title: COLUMN, abstract: COLUMN}", cfg.fields)
     source = str(cfg.input)
-    _require(source == "-" or Path(source).is_file(), "input", "file not found (or not a file)", source)
+    require(source == "-" or Path(source).is_file(), "input", "file not found (or not a file)", source)
     output = Path(str(cfg.output))
-    _require(not output.is_dir(), "output", "is a directory; give a file name", str(output))
+    require(not output.is_dir(), "output", "is a directory; give a file name", str(output))
     # Rows are appended and truncated by byte offset to resume; a compressed stream cannot be.
-    _require(output.suffix.lower() != ".gz", "output", "compressed output is not supported; write a .jsonl "
+    require(output.suffix.lower() != ".gz", "output", "compressed output is not supported; write a .jsonl "
              "or .csv and compress it afterwards", str(output))
     if source != "-":
         files = OutputFiles(output)
         for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal):
-            _require(not _same_file(path, Path(source)), "output", f"would overwrite the input {source}", str(output))
+            require(not _same_file(path, Path(source)), "output", f"would overwrite the input {source}", str(output))
 
 
 def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
     """publish.py: checked before the published checkpoint is touched."""
     cfg = OmegaConf.create(dict(opts))
-    _require((run_dir / "checkpoint").is_dir(), "run_dir", "has no checkpoint/ directory", str(run_dir))
-    _require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
+    require((run_dir / "checkpoint").is_dir(), "run_dir", "has no checkpoint/ directory", str(run_dir))
+    require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
              "name", "must be a plain directory name", cfg.name)
-    _require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
+    require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
     _positive(cfg, "max_mb")
     _fraction(cfg, "max_score_diff")
     _fraction(cfg, "max_disagreement")
-    _require(isinstance(cfg.dev_sets, DictConfig) and len(cfg.dev_sets) > 0, "dev_sets",
+    require(isinstance(cfg.dev_sets, DictConfig) and len(cfg.dev_sets) > 0, "dev_sets",
              "must map a name to {gold: FILE, papers: FILE, format: FORMAT}", cfg.dev_sets)
     for name, spec in cfg.dev_sets.items():
         for key in ("gold", "papers"):
             value = OmegaConf.select(spec, key) if isinstance(spec, DictConfig) else None
-            _require(isinstance(value, str) and Path(value).is_file(), f"dev_sets.{name}.{key}", "file not found",
+            require(isinstance(value, str) and Path(value).is_file(), f"dev_sets.{name}.{key}", "file not found",
                      value)
     for key in ("push_to_hub", "private", "dry_run"):
         _one_of(cfg, key, (True, False))
     if cfg.push_to_hub:
-        _require(isinstance(cfg.repo_id, str) and cfg.repo_id.count("/") == 1, "repo_id",
+        require(isinstance(cfg.repo_id, str) and cfg.repo_id.count("/") == 1, "repo_id",
                  "push_to_hub=true needs repo_id=USER/NAME", cfg.repo_id)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from abstract_tagger import thresholds as thr
 from abstract_tagger import tracking
 from abstract_tagger.checkpoint import export_checkpoint, model_card
-from abstract_tagger.config_checks import validate
+from abstract_tagger.config_checks import require, validate
 from abstract_tagger.corpus import Paper, read_gold, read_gold_sets
 from abstract_tagger.labeling.label_model import LearnedLabelModel
 from abstract_tagger.model import Backbone, load_backbone
@@ -218,6 +218,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
     tag_ids = taxonomy.ids
     validate(cfg, tag_ids)
+    check_optimized_metric(cfg)
     set_seed(cfg.seed)  # before the classifier head is initialised
     # Loaded before tracking starts, so the config it logs has the settings the run trains with.
     backbone = load_model(cfg, tag_ids)
@@ -257,6 +258,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+METRICS = ("micro_f1", "macro_f1", "mean_f1")
+PREDICTIONS = ("weak", "model_flat", "model", "shipped")  # SetScores' fields
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """`optimized_metric` is `<gold set>/<predictions>/<metric>` on a dev set: a sweep that maximised a
+    test score would have chosen on the test set."""
+    key = cfg.optimized_metric
+    parts = key.rsplit("/", 2) if isinstance(key, str) else []
+    dev_sets = ["dev", *(f"dev/{name}" for name, path in (cfg.data.gold.get("dev") or {}).items() if path)]
+    require(len(parts) == 3 and parts[0] in dev_sets and parts[1] in PREDICTIONS and parts[2] in METRICS,
+            "optimized_metric", f"must be <{'|'.join(dev_sets)}>/<{'|'.join(PREDICTIONS)}>/<{'|'.join(METRICS)}>"
+            " (a dev score: sweeps never choose on test)", key)
+
+
+def optimized_metric(summary: Mapping[str, Any], key: str) -> float:
+    """The value of `optimized_metric` (checked at start-up) in a run's summary."""
+    name, kind, metric = key.rsplit("/", 2)
+    scores = summary["scores"][name][kind]
+    if metric == "mean_f1":
+        return (scores["micro_f1"] + scores["macro_f1"]) / 2
+    return scores[metric]
 
 
 def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, shipped, trained, evaluation, blend,
