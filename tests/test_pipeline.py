@@ -258,3 +258,26 @@ def test_hand_weight_counts_hand_labelled_papers_more():
     assert _weighted_mean(losses, hand, 1.0).item() == 2.5
     assert _weighted_mean(losses, hand, 3.0).item() == (1 + 3 * 4) / 4
     assert _weighted_mean(losses, None, 3.0).item() == 2.5
+
+
+@pytest.mark.parametrize("row, error", [
+    ({"tags": ["not-a-tag"]}, r"hand.jsonl:2: .*unknown tag"),
+    ({"id": "no-such-paper"}, r"hand.jsonl:2: no-such-paper: not in the corpus"),
+    ({"title": "Another title"}, r"hand.jsonl:2: .*gold title 'Another title' does not match"),
+    ({"paper": 0}, r"hand.jsonl:2: .*is in a dev or test gold set"),
+])
+def test_clean_training_file_is_checked_line_by_line(root, papers, taxonomy, tmp_path, row, error):
+    """data.gold_train: ids and titles must match corpus papers, tags the taxonomy, and no paper may be a
+    dev or test paper; each fault names the file and line."""
+    from abstract_tagger.corpus import read_gold
+
+    cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}")
+    paper = papers[row.pop("paper", 6)]
+    rows = [{"id": papers[5].id, "title": papers[5].title, "tags": ["nlp"]},
+            {"id": paper.id, "title": paper.title, "tags": ["speech-audio"], **row}]
+    path = tmp_path / "hand.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weak = np.full((40, len(taxonomy)), 0.3, dtype=np.float32)
+    sets = {"dev": {"a": gold_set(papers, {0: ["nlp"]})}}
+    with pytest.raises(CorpusError, match=error):
+        data_of(cfg, tmp_path, papers, weak, sets, read_gold(path, taxonomy.ids), taxonomy)
