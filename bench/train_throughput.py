@@ -24,34 +24,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
 from abstract_tagger import training  # noqa: E402
 from abstract_tagger.config_checks import register_resolvers  # noqa: E402
 from abstract_tagger.corpus import read_corpus  # noqa: E402
 from abstract_tagger.model import load_backbone  # noqa: E402
+from abstract_tagger.runtime import cpu_description  # noqa: E402
 from abstract_tagger.taxonomy import Taxonomy  # noqa: E402
+from abstract_tagger.training_data import papers_dataset  # noqa: E402
 
 
-def ours(cfg, papers, targets, tag_ids, workdir: Path) -> float:
-    result = training.fit(cfg, training.make_accelerator(cfg), papers, targets, papers[:8],
-                          np.zeros((8, len(tag_ids)), np.int8), tag_ids, workdir)
+def ours(cfg, backbone, data, tag_ids, workdir: Path) -> float:
+    accelerator = training.make_accelerator(cfg)
+    model = accelerator.prepare(backbone.model)
+    dev = data.select(range(8))
+    result = training.fit(cfg.trainer, accelerator, model, backbone.tokenizer, data, dev,
+                          np.zeros((8, len(tag_ids)), np.int8), tag_ids, workdir, training.Phase.weak(cfg.trainer))
     return result.samples_per_s
 
 
-def hf_trainer(cfg, papers, targets, tag_ids, workdir: Path, precision: str) -> float:
-    backbone = load_backbone(cfg.model, tag_ids)
+def hf_trainer(cfg, backbone, data, workdir: Path, precision: str) -> float:
     t = cfg.trainer
     args = TrainingArguments(
         output_dir=str(workdir), per_device_train_batch_size=t.batch_size, num_train_epochs=t.epochs,
         # transformers 5: a float warmup_steps < 1 is a ratio of the total steps.
         learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16", fp16=precision == "fp16", save_strategy="no", eval_strategy="no",
-        use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=t.log_every, disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=t.log_every, disable_tqdm=True,
+        seed=cfg.seed, dataloader_num_workers=0,
     )
-    data = training.encode(backbone.tokenizer, papers, cfg.model.max_length, targets)
     trainer = Trainer(model=backbone.model, args=args, train_dataset=data,
-                      data_collator=training.DataCollatorWithPadding(backbone.tokenizer))
+                      data_collator=DataCollatorWithPadding(backbone.tokenizer))
     return trainer.train().metrics["train_samples_per_second"]
 
 
@@ -77,13 +81,20 @@ def main() -> None:
     runs: dict[str, list[float]] = {"ours": [], "trainer": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            runs["ours"].append(ours(cfg, papers, targets, tag_ids, Path(tmp) / f"ours{r}"))
-            runs["trainer"].append(hf_trainer(cfg, papers, targets, tag_ids, Path(tmp) / f"hf{r}", precision))
+            # A fresh model each run (same seed), so neither starts from the other's weights.
+            for name in runs:
+                torch.manual_seed(cfg.seed)
+                backbone = load_backbone(cfg.model, tag_ids)
+                data = papers_dataset(papers, backbone.tokenizer, cfg.model.max_length, targets)
+                workdir = Path(tmp) / f"{name}{r}"
+                runs[name].append(ours(cfg, backbone, data, tag_ids, workdir) if name == "ours"
+                                  else hf_trainer(cfg, backbone, data, workdir, precision))
             print(f"round {r + 1}: ours {runs['ours'][-1]:.2f} samples/s, Trainer {runs['trainer'][-1]:.2f} samples/s",
                   file=sys.stderr)
     ours_sps, hf_sps = statistics.median(runs["ours"]), statistics.median(runs["trainer"])
+    print(f"CPU: {cpu_description()}; GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print(f"model={args.model} papers={len(papers)} batch_size={cfg.trainer.batch_size} "
-          f"max_length={cfg.model.max_length} precision={precision} rounds={args.rounds}")
+          f"max_length={cfg.model.max_length} precision={precision.replace('no', 'fp32')} rounds={args.rounds}")
     print(f"train.py loop: {ours_sps:.2f} samples/s (median)")
     print(f"HF Trainer:    {hf_sps:.2f} samples/s (median)")
     print(f"ratio (ours / Trainer): {ours_sps / hf_sps:.2f}x")
