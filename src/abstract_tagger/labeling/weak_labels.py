@@ -119,6 +119,15 @@ class WeakLabels:
         """Chunk `i`'s [id, title] pairs, without decompressing its papers."""
         return load_index(_chunk_path(self.root, i))[0]
 
+    def votes(self, i: int) -> tuple[list[Paper], np.ndarray]:
+        """Chunk `i`'s papers and the functions' votes [papers, functions, tags] (`report["functions"]`
+        names the columns)."""
+        return load_chunk(_chunk_path(self.root, i))
+
+    def fit_votes(self, limit: int) -> np.ndarray:
+        """The votes the label models are fitted on: the first `limit` papers'."""
+        return _fit_votes(self.root, self.n_chunks, limit)
+
     def write(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -254,19 +263,23 @@ def vote_corpus(cfg: DictConfig, functions: LabelingFunctions, root: Path, chunk
     return stats, n_chunks
 
 
+def _fit_votes(root: Path, n_chunks: int, limit: int) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    n = 0
+    for i in range(n_chunks):
+        if n >= limit:
+            break
+        parts.append(load_index(_chunk_path(root, i))[1][: limit - n])
+        n += len(parts[-1])
+    return np.concatenate(parts)
+
+
 def fit_and_apply(cfg: DictConfig, taxonomy: Taxonomy, labeling: dict[str, Any], names: list[str], root: Path,
                   n_chunks: int, stats: CorpusStats) -> dict[str, Any]:
     """Fit both label models on the first votes, apply the one in use chunk by chunk, and build the
     report (function statistics over the corpus, scores on every dev set) in the same pass."""
-    fit_votes: list[np.ndarray] = []
-    n_fit = 0
-    for i in range(n_chunks):
-        if n_fit >= labeling["fit_max_records"]:
-            break
-        fit_votes.append(load_index(_chunk_path(root, i))[1][: labeling["fit_max_records"] - n_fit])
-        n_fit += len(fit_votes[-1])
-    votes = np.concatenate(fit_votes)
-    del fit_votes
+    votes = _fit_votes(root, n_chunks, labeling["fit_max_records"])
+    n_fit = len(votes)
     # Both models, whichever is in use: the report compares them on the gold papers.
     models = {"majority": MajorityVote().fit(votes), "learned": LearnedLabelModel(labeling["label_model"]).fit(votes)}
     del votes
