@@ -81,8 +81,17 @@ def test_2_9_output_over_the_input_or_a_directory_is_refused(root, tmp_path):
     validate_predict(predict_cfg(root, f"input={src}", f"output={tmp_path / 'out.jsonl'}"))  # a good one passes
 
 
-def killed_run(tagger, src, out, monkeypatch):
-    monkeypatch.setattr(tagger, "scores", lambda texts, **kw: (_ for _ in ()).throw(Killed()))
+def killed_run(tagger, src, out, monkeypatch, after=0):
+    """A run killed as it tags its chunk `after` (0: before any row is written)."""
+    calls, scores = [], tagger.scores
+
+    def dies(texts, **kw):
+        calls.append(1)
+        if len(calls) > after:
+            raise Killed
+        return scores(texts, **kw)
+
+    monkeypatch.setattr(tagger, "scores", dies)
     with pytest.raises(Killed):
         predict_file(tagger, src, out, chunk_size=2, progress=False)
     monkeypatch.undo()
@@ -328,3 +337,26 @@ def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, pa
         assert got.seconds > 0 and got.samples_per_s > 0
     for k, v in weights(full.backbone.model).items():
         torch.testing.assert_close(weights(resumed.backbone.model)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "zeroed"])
+def test_13_resume_of_a_damaged_partial_output_redoes_the_damaged_chunks(tagger, tmp_path, monkeypatch, caplog,
+                                                                         damage):
+    """A disk or copy failure (not a kill) cut the partial output short, or left zeros in it: the resumed
+    run keeps only the chunks whose bytes match the journal's digests; it never pads with NUL bytes."""
+    src = write_jsonl(tmp_path / "in.jsonl", records(11) + [{"id": "bad"}] + records(8))
+    predict_file(tagger, src, tmp_path / "once.jsonl", chunk_size=2, progress=False)
+    out = tmp_path / "out.jsonl"
+    killed_run(tagger, src, out, monkeypatch, after=7)
+    files = OutputFiles(out)
+    data = files.partial.read_bytes()
+    if damage == "cut-short":  # truncate -s 50%
+        files.partial.write_bytes(data[: len(data) // 2])
+    else:  # a block of zeros inside the file, the length unchanged
+        files.partial.write_bytes(data[:300] + b"\0" * 200 + data[500:])
+    with caplog.at_level(logging.WARNING):
+        stats = predict_file(tagger, src, out, chunk_size=2, progress=False, resume=True)
+    assert f"{files.partial}: cut short or damaged from its chunk" in caplog.text
+    assert out.read_bytes() == (tmp_path / "once.jsonl").read_bytes() and b"\0" not in out.read_bytes()
+    assert files.rejects.read_bytes() == OutputFiles(tmp_path / "once.jsonl").rejects.read_bytes()
+    assert stats.summary() == "read 20 = tagged 19 + rejected 1"

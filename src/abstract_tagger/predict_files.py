@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from abstract_tagger.config_checks import validate_predict
-from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
+from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
 from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
 
@@ -142,30 +142,66 @@ def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any
     return lines[0], lines[1:]
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _intact_chunks(files: OutputFiles, header: bytes, done: list[dict[str, Any]]) -> int:
+    """How many of the journalled chunks the partial files still hold byte for byte. A kill only ever
+    cuts after the last journalled chunk, but a full disk, a failing one or an interrupted copy can cut
+    a file short (or leave zeros) anywhere: each chunk's bytes are checked against the digests the
+    journal recorded for them."""
+    try:
+        with open(files.partial, "rb") as out, open(files.rejects_partial, "rb") as rejects:
+            if out.read(len(header)) != header:
+                return 0
+            for n, entry in enumerate(done):
+                for f, key in ((out, "output"), (rejects, "rejects")):
+                    size = entry[f"{key}_end"] - f.tell()
+                    if size < 0 or _sha256(f.read(size)) != entry.get(f"{key}_sha256"):
+                        return n
+    except FileNotFoundError:
+        return 0
+    return len(done)
+
+
 class _OpenFiles:
     """The open files of one run: the partial output, the partial rejects and the journal."""
 
     def __init__(self, files: OutputFiles, rows: RowFormat, settings: dict[str, Any], resume: bool):
         files.output.parent.mkdir(parents=True, exist_ok=True)
-        saved, done = _read_journal(files.journal) if resume else (None, [])
-        if resume and saved is not None and saved != settings:
+        done = self._resumable(files, rows, settings) if resume else []
+        self.done = len(done)
+        last = done[-1] if done else {}
+        self.stats = PredictStats(**{k: last.get(k, 0) for k in ("read", "tagged", "rejected")})
+        # Bytes after the last intact chunk belong to a chunk cut short by a kill: cut them off (the
+        # files were checked to hold at least that much, so this never pads).
+        self.out = self._open(files.partial, last.get("output_end"), rows.header())
+        self.rejects = self._open(files.rejects_partial, last.get("rejects_end"), b"")
+        # Rewritten whole: entries of chunks found damaged must go.
+        write_atomic(files.journal, lambda f: f.write(
+            "".join(json.dumps(line) + "\n" for line in (settings, *done)).encode("utf-8")))
+        self.journal = open(files.journal, "a", encoding="utf-8")
+
+    @staticmethod
+    def _resumable(files: OutputFiles, rows: RowFormat, settings: dict[str, Any]) -> list[dict[str, Any]]:
+        """The journal entries of the partial run that this run can continue, intact ones only."""
+        saved, done = _read_journal(files.journal)
+        if saved is None:
+            log.info("resume: no partial run of %s found, starting from the beginning", files.output)
+            return []
+        if saved != settings:
             changed = sorted(k for k in settings if saved.get(k) != settings[k])
             raise ValueError(
                 f"cannot resume {files.output}: the partial run used different {', '.join(changed)}; "
                 "rerun without resume=true"
             )
-        if resume and saved is None:
-            log.info("resume: no partial run of %s found, starting from the beginning", files.output)
-        self.done = len(done)
-        last = done[-1] if done else {}
-        self.stats = PredictStats(**{k: last.get(k, 0) for k in ("read", "tagged", "rejected")})
-        # Bytes after the last journalled chunk belong to a chunk cut short by a kill: cut them off.
-        self.out = self._open(files.partial, last.get("output_end"), rows.header())
-        self.rejects = self._open(files.rejects_partial, last.get("rejects_end"), b"")
-        self.journal = open(files.journal, "a" if done else "w", encoding="utf-8")
-        if not done:
-            self.journal.write(json.dumps(settings) + "\n")
-            self.journal.flush()
+        intact = _intact_chunks(files, rows.header(), done)
+        if intact < len(done):
+            log.warning("%s: cut short or damaged from its chunk %d of %d on (a disk or copy failure; a kill "
+                        "never does this): resuming after the %d intact chunk(s)", files.partial, intact + 1,
+                        len(done), intact)
+        return done[:intact]
 
     @staticmethod
     def _open(path: Path, end: int | None, header: bytes) -> BinaryIO:
@@ -179,13 +215,15 @@ class _OpenFiles:
         return f
 
     def commit(self, rows: bytes, rejects: Sequence[Reject], chunk: int, tagged: int) -> None:
+        reject_lines = "".join(r.to_json() + "\n" for r in rejects).encode("utf-8", "surrogateescape")
         self.out.write(rows)
-        self.rejects.write("".join(r.to_json() + "\n" for r in rejects).encode("utf-8", "surrogateescape"))
+        self.rejects.write(reject_lines)
         self.out.flush()
         self.rejects.flush()
         self.stats.add(PredictStats(read=tagged + len(rejects), tagged=tagged, rejected=len(rejects)))
         entry = {"chunk": chunk, **asdict(self.stats),
-                 "output_end": self.out.tell(), "rejects_end": self.rejects.tell()}
+                 "output_end": self.out.tell(), "rejects_end": self.rejects.tell(),
+                 "output_sha256": _sha256(rows), "rejects_sha256": _sha256(reject_lines)}
         self.journal.write(json.dumps(entry) + "\n")
         self.journal.flush()
 
