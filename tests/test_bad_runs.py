@@ -360,3 +360,26 @@ def test_13_resume_of_a_damaged_partial_output_redoes_the_damaged_chunks(tagger,
     assert out.read_bytes() == (tmp_path / "once.jsonl").read_bytes() and b"\0" not in out.read_bytes()
     assert files.rejects.read_bytes() == OutputFiles(tmp_path / "once.jsonl").rejects.read_bytes()
     assert stats.summary() == "read 20 = tagged 19 + rejected 1"
+
+
+def test_14_second_run_on_the_same_output_is_refused_at_start(tagger, tmp_path, monkeypatch):
+    """shard=0/2 and shard=1/2 started together with one output=: the second refuses before writing."""
+    from abstract_tagger.writing import OutputBusy
+
+    src, out = write_jsonl(tmp_path / "in.jsonl", records(8)), tmp_path / "out.jsonl"
+    predict_file(tagger, src, tmp_path / "alone.jsonl", chunk_size=2, shard=(0, 2), progress=False)
+    scores, refused = tagger.scores, []
+
+    def second_run_starts_meanwhile(texts, **kw):
+        if not refused:
+            with pytest.raises(OutputBusy, match=rf"^output={out}: another run is writing it") as err:
+                predict_file(tagger, src, out, chunk_size=2, shard=(1, 2), progress=False)
+            refused.append(err)
+        return scores(texts, **kw)
+
+    monkeypatch.setattr(tagger, "scores", second_run_starts_meanwhile)
+    predict_file(tagger, src, out, chunk_size=2, shard=(0, 2), progress=False)
+    assert refused and out.read_bytes() == (tmp_path / "alone.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.jsonl", "in.jsonl", "out.jsonl"]  # lock gone
+    monkeypatch.undo()
+    predict_file(tagger, src, out, chunk_size=2, shard=(1, 2), progress=False)  # free once the first is done

@@ -220,7 +220,7 @@ def validate_predict(cfg: DictConfig) -> None:
              "or .csv and compress it afterwards", str(output))
     if source != "-":
         files = OutputFiles(output)
-        for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal):
+        for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal, files.lock):
             require(not _same_file(path, Path(source)), "output", f"would overwrite the input {source}", str(output))
 
 

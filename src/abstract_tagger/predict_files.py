@@ -27,6 +27,7 @@ from abstract_tagger.config_checks import validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
 from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
+from abstract_tagger.writing import exclusive, lock_path
 
 log = logging.getLogger(__name__)
 _SCORE_DECIMALS = 4
@@ -66,6 +67,7 @@ class OutputFiles:
             self.output.with_name(self.output.name + suffix)
             for suffix in (".partial", ".rejects.jsonl", ".rejects.jsonl.partial", ".journal")
         )
+        self.lock = lock_path(self.output)
 
     def part(self, index: int, count: int) -> OutputFiles:
         """One process's share of a multi-process run; keeps the extension that picks the row format."""
@@ -232,6 +234,29 @@ class _OpenFiles:
             f.close()
 
 
+def _tag_chunks(tagger: Tagger, records: Iterable[Paper | Reject], run: _OpenFiles, rows: RowFormat, *,
+                chunk_size: int, shard: tuple[int, int], on_error: str, top_k: int | None,
+                threshold: float | None, progress: bool) -> None:
+    """Tag this shard's chunks that the partial run has not finished, committing each as it is done."""
+    index, count = shard
+    bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
+    try:
+        for k, chunk in enumerate(batched(records, chunk_size)):
+            if k % count != index or k // count < run.done:
+                continue
+            papers = [r for r in chunk if isinstance(r, Paper)]
+            rejects = [r for r in chunk if isinstance(r, Reject)]
+            if rejects and on_error == "raise":
+                first = rejects[0]
+                raise CorpusError(first.source, first.line, first.reason)
+            scores = tagger.scores(papers, threshold=threshold)
+            tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
+            run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
 def predict_file(
     tagger: Tagger,
     input: str | Path,
@@ -276,31 +301,20 @@ def predict_file(
     # Stdin has no name to guess a format from; JSON lines is the pipe-friendly one.
     fmt = format or ("jsonl" if str(input) == "-" else None)
     records = read_source(input, fmt, max_chars=max_chars, **({"fields": dict(fields)} if fields else {}))
-    run = _OpenFiles(files, rows, settings, resume)
-    bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
-    try:
-        for k, chunk in enumerate(batched(records, chunk_size)):
-            if k % count != index or k // count < run.done:
-                continue
-            papers = [r for r in chunk if isinstance(r, Paper)]
-            rejects = [r for r in chunk if isinstance(r, Reject)]
-            if rejects and on_error == "raise":
-                first = rejects[0]
-                raise CorpusError(first.source, first.line, first.reason)
-            scores = tagger.scores(papers, threshold=threshold)
-            tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
-            run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
-            bar.update(len(chunk))
-    except Exception:
-        # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
-        run.close()
-        files.remove_partials()
-        raise
-    finally:
-        bar.close()
-        run.close()
-    if finalize:
-        files.finalize(run.stats.rejected)
+    with exclusive(files.output):
+        run = _OpenFiles(files, rows, settings, resume)
+        try:
+            _tag_chunks(tagger, records, run, rows, chunk_size=chunk_size, shard=shard, on_error=on_error,
+                        top_k=top_k, threshold=threshold, progress=progress)
+        except Exception:
+            # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
+            run.close()
+            files.remove_partials()
+            raise
+        finally:
+            run.close()
+        if finalize:
+            files.finalize(run.stats.rejected)
     if not run.stats.read and index == 0:
         log.warning("%s: no records (empty input); %s is empty", input, files.output)
     return run.stats
@@ -310,37 +324,45 @@ def merge_parts(output: str | Path, count: int) -> PredictStats:
     """Interleave the chunks of `count` unfinalized shard runs back into input order in `output`."""
     files = OutputFiles(Path(output))
     parts = [files.part(i, count) for i in range(count)]
-    journals = [_read_journal(p.journal) for p in parts]
-    rows = RowFormat(journals[0][0]["labels"], csv_output=journals[0][0]["csv"])
-    header = len(rows.header())
+    read = [_read_journal(p.journal) for p in parts]
+    journals = [done for _, done in read]
+    rows = RowFormat(read[0][0]["labels"], csv_output=read[0][0]["csv"])
     stats = PredictStats()
-    with open(files.partial, "wb") as out, open(files.rejects_partial, "wb") as rejects:
-        out.write(rows.header())
-        sources = [(open(p.partial, "rb"), open(p.rejects_partial, "rb")) for p in parts]
-        cursors = [[header, 0] for _ in parts]
-        try:
-            k = 0
-            while k // count < len(journals[k % count][1]):
-                part = k % count
-                entry = journals[part][1][k // count]
-                (out_src, rej_src), cursor = sources[part], cursors[part]
-                out_src.seek(cursor[0])
-                out.write(out_src.read(entry["output_end"] - cursor[0]))
-                rej_src.seek(cursor[1])
-                rejects.write(rej_src.read(entry["rejects_end"] - cursor[1]))
-                cursor[:] = entry["output_end"], entry["rejects_end"]
-                k += 1
-        finally:
-            for pair in sources:
-                for f in pair:
-                    f.close()
-    for _, done in journals:
+    for done in journals:
         if done:
             stats.add(PredictStats(**{key: done[-1][key] for key in ("read", "tagged", "rejected")}))
-    files.finalize(stats.rejected)
+    with exclusive(files.output):
+        with open(files.partial, "wb") as out, open(files.rejects_partial, "wb") as rejects:
+            out.write(rows.header())
+            _interleave(parts, journals, out, rejects, len(rows.header()))
+        files.finalize(stats.rejected)
     for part in parts:
         part.remove_partials()
     return stats
+
+
+def _interleave(parts: list[OutputFiles], journals: list[list[dict[str, Any]]], out: BinaryIO, rejects: BinaryIO,
+                header: int) -> None:
+    """Chunk k of the input is chunk k // count of part k % count: copy them in that order."""
+    count = len(parts)
+    sources = [(open(p.partial, "rb"), open(p.rejects_partial, "rb")) for p in parts]
+    cursors = [[header, 0] for _ in parts]
+    try:
+        k = 0
+        while k // count < len(journals[k % count]):
+            part = k % count
+            entry = journals[part][k // count]
+            (out_src, rej_src), cursor = sources[part], cursors[part]
+            out_src.seek(cursor[0])
+            out.write(out_src.read(entry["output_end"] - cursor[0]))
+            rej_src.seek(cursor[1])
+            rejects.write(rej_src.read(entry["rejects_end"] - cursor[1]))
+            cursor[:] = entry["output_end"], entry["rejects_end"]
+            k += 1
+    finally:
+        for pair in sources:
+            for f in pair:
+                f.close()
 
 
 @dataclass
