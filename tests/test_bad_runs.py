@@ -383,3 +383,31 @@ def test_14_second_run_on_the_same_output_is_refused_at_start(tagger, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.jsonl", "in.jsonl", "out.jsonl"]  # lock gone
     monkeypatch.undo()
     predict_file(tagger, src, out, chunk_size=2, shard=(1, 2), progress=False)  # free once the first is done
+
+
+@pytest.mark.parametrize("key, value", [
+    ("batch_size", -1), ("batch_size", 0), ("num_threads", -2), ("precision", "fp8"), ("backend", "tensorrt"),
+    ("recheck_margin", -0.5), ("top_k", -1), ("top_k", 0), ("threshold", 1.5), ("threshold", math.nan),
+    ("threshold", -0.1), ("chunk_size", 0), ("max_chars", -5), ("on_error", "ignore"),
+])
+def test_15_api_refuses_what_the_cli_refuses_naming_the_key(root, tiny_checkpoint, tagger, tmp_path, key, value):
+    """One check for predict.py's settings and the Python API's arguments."""
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        validate_predict(predict_cfg(root, f"input={src}", f"output={tmp_path / 'out.jsonl'}", f"{key}={value}"))
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        if key in ("batch_size", "num_threads", "precision", "backend", "recheck_margin"):
+            Tagger.from_pretrained(tiny_checkpoint, **{key: value})
+        elif key in ("top_k", "threshold"):
+            tagger.predict(["Speech recognition. We transcribe audio."], **{key: value})
+        else:
+            predict_file(tagger, src, tmp_path / "out.jsonl", progress=False, **{key: value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("bare", ["Title. Abstract about speech.", {"title": "T", "abstract": "A speech paper."}])
+def test_15_one_text_given_bare_is_refused_not_tagged_character_by_character(tagger, bare):
+    with pytest.raises(TypeError, match="expected a list of texts or records, got a single"):
+        tagger.predict(bare)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        tagger.scores(bare)

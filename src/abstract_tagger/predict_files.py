@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from abstract_tagger.config_checks import validate_predict
+from abstract_tagger.config_checks import check_predict_options, validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
 from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
@@ -281,12 +281,10 @@ def predict_file(
     With finalize=False the partial files and journal stay for `merge_parts`. max_chars, chunk_size and
     on_error left None take conf/predict.yaml's values.
     """
-    defaults = predict_defaults()
-    max_chars = defaults["max_chars"] if max_chars is None else max_chars
-    chunk_size = chunk_size or defaults["chunk_size"]
-    on_error = on_error or defaults["on_error"]
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    given = {"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error}
+    max_chars, chunk_size, on_error = (predict_defaults()[k] if v is None else v for k, v in given.items())
+    check_predict_options({"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error, "top_k": top_k,
+                           "threshold": threshold})
     files = OutputFiles(Path(output))
     rows = RowFormat.for_path(files.output, tagger.labels)
     index, count = shard

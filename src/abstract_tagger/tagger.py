@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from abstract_tagger.config_checks import check_predict_options
 from abstract_tagger.corpus import Paper, normalize_ws
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend
 
@@ -149,6 +150,15 @@ def as_text(item: str | Paper | Mapping[str, Any]) -> str:
     return paper.text if paper.title else paper.abstract
 
 
+def _as_items(items: Any) -> list[Any]:
+    """The list of texts or records; one text or record given bare is a mistake, not a list (a string
+    would be tagged character by character)."""
+    if isinstance(items, str | bytes | Paper | Mapping):
+        raise TypeError(f"expected a list of texts or records, got a single {type(items).__name__}: "
+                        "wrap it in a list")
+    return list(items)
+
+
 class Backend:
     """Texts -> probabilities (n, tags). A subclass tokenizes (`encode`) and runs a batch (`logits`),
     with `exact=False` in its fast reduced precision (`reduced` names it; None when it has none)."""
@@ -247,11 +257,13 @@ class Tagger:
         recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
     ) -> Tagger:
         """Options left None take conf/predict.yaml's values (see there for what each means)."""
+        given = {"backend": backend, "precision": precision, "batch_size": batch_size,
+                 "recheck_margin": recheck_margin, "num_threads": num_threads}
+        # `is None`, not `or`: batch_size=0 is an error to report, not a request for the default.
+        options = {k: predict_defaults()[k] if v is None else v for k, v in given.items()}
+        check_predict_options(options)
         path = check_checkpoint(path)
-        defaults = predict_defaults()
-        chosen = choose_backend(backend or defaults["backend"], path, device)
-        options = {"precision": precision or defaults["precision"], "batch_size": batch_size or defaults["batch_size"],
-                   "recheck_margin": recheck_margin, "num_threads": num_threads or defaults["num_threads"]}
+        chosen = choose_backend(options.pop("backend"), path, device)
         if chosen == "onnx":
             from abstract_tagger.onnx_backend import OnnxBackend
 
@@ -270,11 +282,13 @@ class Tagger:
             raise CheckpointError(f"{path}: bad {RULES_FILE}: {e}") from None
         return cls(model, thresholds, blend=blend)
 
-    def scores(self, items: Sequence[str | Paper | Mapping[str, Any]], *,
+    def scores(self, items: Iterable[str | Paper | Mapping[str, Any]], *,
                threshold: float | None = None) -> np.ndarray:
         """Probabilities, float32 [len(items), len(labels)], rows in input order: the model's sigmoid
         scores, blended with the rule functions where the checkpoint has a `rules.json`; exact (fp32)
         near the per-tag thresholds, or near `threshold` where one is given for all tags."""
+        items = _as_items(items)
+        check_predict_options({"threshold": threshold})
         if not len(items):
             return np.empty((0, len(self.labels)), dtype=np.float32)
         texts = [as_text(item) for item in items]
@@ -295,6 +309,7 @@ class Tagger:
     ) -> list[list[str]]:
         """Tags per row, best first: scores at or over the per-tag threshold (or one `threshold` for all
         tags), at most `top_k` of them."""
+        check_predict_options({"top_k": top_k, "threshold": threshold})
         return decide(scores, self.labels, self.thresholds if threshold is None else np.float32(threshold), top_k)
 
     def predict(
@@ -303,7 +318,7 @@ class Tagger:
     ) -> list[dict[str, Any]]:
         """[{"tags": [...], "scores": {tag: probability}}] for strings (full text), Papers or
         {title, abstract} records."""
-        scores = self.scores(list(items), threshold=threshold)
+        scores = self.scores(items, threshold=threshold)
         tags = self.decide(scores, top_k=top_k, threshold=threshold)
         return [
             {"tags": t, "scores": dict(zip(self.labels, row))}
