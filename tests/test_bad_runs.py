@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from helpers import Killed, fit, labelled_dataset, make_cfg, minilm_tokenizer, records, run_publish, synthetic_targets, weights, write_jsonl
 
@@ -411,3 +412,62 @@ def test_15_one_text_given_bare_is_refused_not_tagged_character_by_character(tag
         tagger.predict(bare)
     with pytest.raises(TypeError, match="wrap it in a list"):
         tagger.scores(bare)
+
+
+def resaved_with_a_longer_header(path):
+    """The same tensors, saved again with metadata: every tensor's bytes move to another offset."""
+    save_file(load_file(path / "model.safetensors"), path / "model.safetensors",
+              metadata={"format": "pt", "note": "re-saved " * 40})
+
+
+def other_weights_same_layout(path):
+    state = load_file(path / "model.safetensors")
+    state["classifier.bias"] = state["classifier.bias"] + 1
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def short_position_table(path):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+
+
+def rules_table(value):
+    def damage(path):
+        from abstract_tagger.rule_blend import RuleBlend, rule_functions
+        from abstract_tagger.taxonomy import Taxonomy
+
+        taxonomy = Taxonomy.from_config(OmegaConf.load(Path(os.environ["PROJECT_ROOT"]) / "conf/taxonomy/default.yaml"))
+        table = np.full((3 ** len(rule_functions(taxonomy, 1).names), len(taxonomy)), value, dtype=np.float32)
+        RuleBlend(taxonomy, 1, table, 0.5).save(path)
+    return damage
+
+
+def thresholds_list(path):
+    (path / "thresholds.json").write_text(json.dumps([0.5] * 18))
+
+
+def corrupt_tokenizer(path):
+    (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPiece", "vocab": 3}}')
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("damage, message", [
+    (resaved_with_a_longer_header, "model.onnx: made from another model.safetensors"),
+    (other_weights_same_layout, "model.onnx: made from another model.safetensors"),
+    (short_position_table, "config.json: max_position_embeddings=16 is below the tokenizer's model_max_length=64"),
+    (rules_table(5.0), r"rules.json: the weight and every table value must be probabilities in \[0, 1\]"),
+    (rules_table(-0.1), r"rules.json: the weight and every table value must be probabilities in \[0, 1\]"),
+    (thresholds_list, "thresholds.json: expected a JSON object, got list"),
+    (corrupt_tokenizer, "cannot load"),
+], ids=["longer-header", "other-weights", "short-positions", "rules-5", "rules-negative", "thresholds-list",
+        "corrupt-tokenizer"])
+def test_16_checkpoint_files_that_disagree_are_refused_naming_the_file(tiny_onnx_checkpoint, tmp_path, damage,
+                                                                       message, backend):
+    path = broken_checkpoint(tiny_onnx_checkpoint, tmp_path)
+    damage(path)
+    if damage in (resaved_with_a_longer_header, other_weights_same_layout) and backend == "torch":
+        Tagger.from_pretrained(path, backend="torch", precision="fp32")  # torch reads the file as it is
+        return
+    with pytest.raises(CheckpointError, match=message) as err:
+        Tagger.from_pretrained(path, backend=backend, precision="fp32")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -35,6 +35,10 @@ _PAD_MULTIPLE = 8
 _PREDICT_CONF = Path(__file__).resolve().parents[2] / "conf/predict.yaml"
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model_quantized.onnx"
+# An ONNX graph's metadata key for the SHA-256 of the model.safetensors it reads its weights from.
+WEIGHTS_DIGEST_KEY = "abstract_tagger.safetensors_sha256"
+# What tokenizers report as model_max_length when none was saved.
+_NO_LENGTH_LIMIT = 1 << 30
 
 
 class CheckpointError(ValueError):
@@ -64,7 +68,36 @@ def check_checkpoint(path: str | Path) -> Path:
         missing.append("model.safetensors (weights)")
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    check_lengths(path)
     return path
+
+
+def read_json(path: Path, kind: type = dict) -> Any:
+    """A checkpoint's JSON file, which must hold a `kind`; CheckpointError naming it otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                              f"got {type(value).__name__}")
+    return value
+
+
+def check_lengths(path: Path) -> None:
+    """config.json must have room for every token the tokenizer keeps: a smaller max_position_embeddings
+    made the ONNX path cut every input short (torch refuses it only through the weights' shapes)."""
+    config = read_json(path / "config.json")
+    positions = config.get("max_position_embeddings")
+    tokenizer_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    limit = tokenizer_config.get("model_max_length")
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        raise CheckpointError(f"{path / 'config.json'}: max_position_embeddings must be a positive integer, "
+                              f"got {positions!r}")
+    if isinstance(limit, int) and limit < _NO_LENGTH_LIMIT and limit > positions:
+        raise CheckpointError(f"{path / 'config.json'}: max_position_embeddings={positions} is below the "
+                              f"tokenizer's model_max_length={limit} (tokenizer_config.json): inputs would be cut "
+                              "to fewer tokens than the model was trained on")
 
 
 @cache
@@ -272,10 +305,7 @@ class Tagger:
             from abstract_tagger.torch_backend import TorchBackend
 
             model = TorchBackend.load(path, device=device, **options)
-        try:
-            thresholds = json.loads((path / "thresholds.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+        thresholds = read_json(path / "thresholds.json")
         try:
             blend = RuleBlend.load(path, model.labels)
         except (ValueError, KeyError, TypeError) as e:
