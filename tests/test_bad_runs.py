@@ -471,3 +471,71 @@ def test_16_checkpoint_files_that_disagree_are_refused_naming_the_file(tiny_onnx
     with pytest.raises(CheckpointError, match=message) as err:
         Tagger.from_pretrained(path, backend=backend, precision="fp32")
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_17_output_inside_a_checkpoint_is_refused(root, tiny_checkpoint, tagger, tmp_path):
+    ckpt = broken_checkpoint(tiny_checkpoint, tmp_path)
+    before = (ckpt / "thresholds.json").read_bytes()
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    for output in (ckpt / "thresholds.json", ckpt / "tags.jsonl"):
+        with pytest.raises(ConfigError, match=rf"^output=.*is inside the checkpoint directory {ckpt}"):
+            validate_predict(predict_cfg(root, f"input={src}", f"output={output}"))
+        with pytest.raises(ConfigError, match="is inside the checkpoint directory"):
+            predict_file(tagger, src, output, progress=False)
+    assert (ckpt / "thresholds.json").read_bytes() == before and not (ckpt / "tags.jsonl").exists()
+
+
+def test_17_publish_onto_the_runs_own_checkpoint_is_refused(published):
+    run, _ = published
+    before = (run / "checkpoint/model.safetensors").read_bytes()
+    for out_dir, name in ((run, "checkpoint"), (run / "checkpoint", "sub")):
+        with pytest.raises(SystemExit, match=r"^error: out_dir=.*the run's own checkpoint"):
+            run_publish(f"run_dir={run}", f"name={name}", f"out_dir={out_dir}")
+    assert (run / "checkpoint/model.safetensors").read_bytes() == before
+
+
+def test_17_kill_between_the_renames_never_leaves_the_previous_rejects_beside_the_new_output(tagger, tmp_path,
+                                                                                           monkeypatch):
+    from abstract_tagger import predict_files
+
+    out, files = tmp_path / "out.jsonl", OutputFiles(tmp_path / "out.jsonl")
+    predict_file(tagger, write_jsonl(tmp_path / "old.jsonl", records(2) + [{"id": "old-bad"}]), out, progress=False)
+    assert "old-bad" not in files.rejects.read_text() and files.rejects.exists()
+    replace = os.replace
+
+    def killed_once_the_output_is_renamed(a, b):
+        replace(a, b)
+        if Path(b) == out:
+            raise Killed
+
+    monkeypatch.setattr(predict_files.os, "replace", killed_once_the_output_is_renamed)
+    with pytest.raises(Killed):
+        predict_file(tagger, write_jsonl(tmp_path / "new.jsonl", records(3) + [{"title": "new bad"}]), out,
+                     progress=False)
+    assert len(out.read_text().splitlines()) == 3  # the new output ...
+    assert not files.rejects.exists()  # ... never beside the old run's rejects
+
+
+def test_17_rewriting_weak_labels_on_a_full_disk_keeps_the_previous_file(papers, taxonomy, tmp_path, monkeypatch):
+    from helpers import weak_labels_on_disk
+
+    from abstract_tagger.labeling import weak_labels as wl
+
+    labels = weak_labels_on_disk(tmp_path / "cache", papers, synthetic_targets(papers, taxonomy), taxonomy.ids)
+    monkeypatch.setattr(wl, "to_markdown", lambda report: "# report\n")  # the helper's result has no report
+    run = tmp_path / "run"
+    labels.write(run)
+    good = (run / "weak_labels.jsonl").read_bytes()
+    (run / "rejects.jsonl").write_text('{"file": "old", "line": 1, "reason": "a previous run"}\n')
+    probs = wl._load_probs
+
+    def disk_full_at_chunk_2(root, i):
+        if i == 2:
+            raise OSError(28, "No space left on device")
+        return probs(root, i)
+
+    monkeypatch.setattr(wl, "_load_probs", disk_full_at_chunk_2)
+    with pytest.raises(OSError, match="No space left"):
+        labels.write(run)
+    assert (run / "weak_labels.jsonl").read_bytes() == good
+    assert sorted(p.name for p in run.iterdir()) == ["lf_report.json", "lf_report.md", "weak_labels.jsonl"]

@@ -238,7 +238,7 @@ def _plain(value: Any) -> Any:
 def validate_predict(cfg: DictConfig) -> None:
     """predict.py: every setting, before the model loads and before anything is written."""
     from abstract_tagger.corpus import FORMATS
-    from abstract_tagger.predict_files import OutputFiles, parse_shard
+    from abstract_tagger.predict_files import parse_shard
 
     check_predict_options({key: _plain(cfg[key]) for key in PREDICT_OPTIONS})
     _one_of(cfg, "format", (None, *FORMATS))
@@ -252,11 +252,25 @@ def validate_predict(cfg: DictConfig) -> None:
              cfg.fields.values())), "fields", "must be a mapping like {title: COLUMN, abstract: COLUMN}", cfg.fields)
     source = str(cfg.input)
     require(source == "-" or Path(source).is_file(), "input", "file not found (or not a file)", source)
-    output = Path(str(cfg.output))
+    check_output(source, cfg.output)
+
+
+# What marks a directory as a checkpoint (an exported one has both).
+_CHECKPOINT_FILES = ("config.json", "thresholds.json")
+
+
+def check_output(source: str | Path, output: str | Path) -> None:
+    """predict.py's and predict_file's output: a new file that destroys nothing (the input, a checkpoint)."""
+    from abstract_tagger.predict_files import OutputFiles
+
+    output, source = Path(str(output)), str(source)
     require(not output.is_dir(), "output", "is a directory; give a file name", str(output))
     # Rows are appended and truncated by byte offset to resume; a compressed stream cannot be.
     require(output.suffix.lower() != ".gz", "output", "compressed output is not supported; write a .jsonl "
              "or .csv and compress it afterwards", str(output))
+    # Its thresholds.json or config.json would be overwritten, or a stray file published with it.
+    require(not all((output.parent / name).is_file() for name in _CHECKPOINT_FILES), "output",
+            f"is inside the checkpoint directory {output.parent}; write it elsewhere", str(output))
     if source != "-":
         files = OutputFiles(output)
         for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal, files.lock):
@@ -270,6 +284,11 @@ def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
     require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
              "name", "must be a plain directory name", cfg.name)
     require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
+    dest, source = (Path(cfg.out_dir) / cfg.name).resolve(), (run_dir / "checkpoint").resolve()
+    # Publishing replaces out_dir/name with an fp16 copy of the run's checkpoint: never the checkpoint itself.
+    require(dest != source and source not in dest.parents and dest not in source.parents, "out_dir",
+            f"out_dir/name ({dest}) is or holds the run's own checkpoint {source}, which publishing would "
+            "replace by its fp16 copy; publish somewhere else", cfg.out_dir)
     _positive(cfg, "max_mb")
     _fraction(cfg, "max_score_diff")
     _fraction(cfg, "max_disagreement")

@@ -103,11 +103,16 @@ class CorpusStats:
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """`write(file)` under a temporary name, then renamed to `path`: a kill never leaves half a file there,
-    and a reader sees the whole file or none (caches that a killed run resumes from)."""
+    """`write(file)` under a temporary name, then renamed to `path`: a kill or a full disk never leaves
+    half a file there, and a reader sees the previous whole file or the new one (caches that a killed
+    run resumes from, results rewritten in a reused run directory)."""
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        write(f)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

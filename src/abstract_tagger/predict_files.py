@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from abstract_tagger.config_checks import check_predict_options, validate_predict
+from abstract_tagger.config_checks import check_output, check_predict_options, validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
 from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
@@ -74,13 +74,15 @@ class OutputFiles:
         return OutputFiles(self.output.with_name(f"{self.output.stem}.part{index}-of-{count}{self.output.suffix}"))
 
     def finalize(self, rejected: int) -> None:
+        # An earlier run's rejects file goes before the new output appears: beside it, they would be
+        # mistaken for this run's. A kill between the renames below leaves the new output without its
+        # rejects (still in the .partial file), never beside the old ones.
+        self.rejects.unlink(missing_ok=True)
         os.replace(self.partial, self.output)
         if rejected:
             os.replace(self.rejects_partial, self.rejects)
         else:
-            # A rejects file left by an earlier run on this output would be mistaken for this run's.
             self.rejects_partial.unlink(missing_ok=True)
-            self.rejects.unlink(missing_ok=True)
         self.journal.unlink(missing_ok=True)
 
     def remove_partials(self) -> None:
@@ -285,6 +287,7 @@ def predict_file(
     max_chars, chunk_size, on_error = (predict_defaults()[k] if v is None else v for k, v in given.items())
     check_predict_options({"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error, "top_k": top_k,
                            "threshold": threshold})
+    check_output(input, output)
     files = OutputFiles(Path(output))
     rows = RowFormat.for_path(files.output, tagger.labels)
     index, count = shard
