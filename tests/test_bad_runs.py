@@ -539,3 +539,19 @@ def test_17_rewriting_weak_labels_on_a_full_disk_keeps_the_previous_file(papers,
         labels.write(run)
     assert (run / "weak_labels.jsonl").read_bytes() == good
     assert sorted(p.name for p in run.iterdir()) == ["lf_report.json", "lf_report.md", "weak_labels.jsonl"]
+
+
+def test_18_resume_with_other_training_settings_is_refused_naming_them(root, papers, taxonomy, tmp_path):
+    overrides = ["trainer.epochs=2", "trainer.batch_size=8", "trainer.log_every=1"]
+    fit(make_cfg(root, "trainer.epochs=1", *overrides[1:]), papers, taxonomy, tmp_path / "run")
+    states = tmp_path / "run/state"
+    before = sorted(p.name for p in states.iterdir())
+    with pytest.raises(ValueError, match=r"cannot resume from .*batch-5: it was made with other settings: "
+                                         r"phase.epochs \(1 -> 2\), phase.lr \(.* -> 0.0005\), seed \(\d+ -> 7\), "
+                                         r"trainer.batch_size \(8 -> 4\), .*trainer.epochs \(1 -> 2\), trainer.lr \(0.001 -> 0.0005\); "):
+        fit(make_cfg(root, *overrides, "trainer.batch_size=4", "trainer.lr=0.0005", "seed=7", "trainer.resume=auto"),
+            papers, taxonomy, tmp_path / "run")
+    assert sorted(p.name for p in states.iterdir()) == before
+    # The same settings resume (log_every and the like change nothing the weights depend on).
+    fit(make_cfg(root, "trainer.epochs=1", *overrides[1:2], "trainer.log_every=2", "trainer.resume=auto"), papers,
+        taxonomy, tmp_path / "run")
