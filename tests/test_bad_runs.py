@@ -389,7 +389,7 @@ def test_14_second_run_on_the_same_output_is_refused_at_start(tagger, tmp_path, 
 @pytest.mark.parametrize("key, value", [
     ("batch_size", -1), ("batch_size", 0), ("num_threads", -2), ("precision", "fp8"), ("backend", "tensorrt"),
     ("recheck_margin", -0.5), ("top_k", -1), ("top_k", 0), ("threshold", 1.5), ("threshold", math.nan),
-    ("threshold", -0.1), ("chunk_size", 0), ("max_chars", -5), ("on_error", "ignore"),
+    ("threshold", -0.1), ("chunk_size", 0), ("max_chars", -5), ("on_error", "ignore"), ("shard", "2/2"),
 ])
 def test_15_api_refuses_what_the_cli_refuses_naming_the_key(root, tiny_checkpoint, tagger, tmp_path, key, value):
     """One check for predict.py's settings and the Python API's arguments."""
@@ -401,6 +401,8 @@ def test_15_api_refuses_what_the_cli_refuses_naming_the_key(root, tiny_checkpoin
             Tagger.from_pretrained(tiny_checkpoint, **{key: value})
         elif key in ("top_k", "threshold"):
             tagger.predict(["Speech recognition. We transcribe audio."], **{key: value})
+        elif key == "shard":
+            predict_file(tagger, src, tmp_path / "out.jsonl", progress=False, shard=(2, 2))
         else:
             predict_file(tagger, src, tmp_path / "out.jsonl", progress=False, **{key: value})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

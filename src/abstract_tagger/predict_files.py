@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from abstract_tagger.config_checks import check_output, check_predict_options, validate_predict
+from abstract_tagger.config_checks import ConfigError, check_output, check_predict_options, validate_predict
 from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
 from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
@@ -56,6 +56,14 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     if not match or not int(match[1]) < int(match[2]):
         raise ValueError(f"shard must be I/N with 0 <= I < N, got {spec!r}")
     return int(match[1]), int(match[2])
+
+
+def check_shard(shard: Any) -> None:
+    """The API's (I, N), checked as predict.py's "I/N" is: shard (2, 2) would tag nothing."""
+    ok = (isinstance(shard, tuple | list) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+          and 0 <= shard[0] < shard[1])
+    if not ok:
+        raise ConfigError(f"shard={shard!r}: must be (I, N) with 0 <= I < N")
 
 
 class OutputFiles:
@@ -288,6 +296,7 @@ def predict_file(
     check_predict_options({"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error, "top_k": top_k,
                            "threshold": threshold})
     check_output(input, output)
+    check_shard(shard)
     files = OutputFiles(Path(output))
     rows = RowFormat.for_path(files.output, tagger.labels)
     index, count = shard
