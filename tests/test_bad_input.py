@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import label_cfg, write_corpus, write_jsonl
 
-from abstract_tagger.corpus import CorpusError, CorpusStats, read_corpus, read_source
+from abstract_tagger.corpus import CorpusError, CorpusStats, Reject, read_corpus, read_source
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
@@ -209,3 +209,49 @@ def test_lone_cr_inside_a_line_does_not_shift_line_numbers(tmp_path, name):
     reported = [json.loads(r)["line"] for r in rejects.read_text().splitlines()]
     assert set(reported) - {k + 1} == {bad_line}  # perhaps the damaged line's pieces, and the faulty line
     assert {p.title for p in kept} >= {GOOD[0]["title"], GOOD[2]["title"]}
+
+
+def test_13_csv_header_repeating_a_used_column_stops_at_line_1(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("id,title,abstract,abstract,notes,notes\na1,A title,The abstract,Another text,x,y\n")
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:1: CSV header repeats column\(s\) \['abstract'\]"):
+        list(read_source(path))
+
+
+def test_13_csv_field_longer_than_the_csv_module_default_is_read_when_max_chars_allows(tmp_path):
+    abstract = "word " * 40_000  # 200,000 characters, over the csv module's 131,072
+    path = tmp_path / "p.csv"
+    path.write_text(f'id,title,abstract\na1,A long one,"{abstract}"\na2,Short,Short abstract\n')
+    papers = list(read_source(path, max_chars=250_000))
+    assert [p.id for p in papers] == ["a1", "a2"] and len(papers[0].abstract) == len(abstract.strip())
+    [too_long, short] = read_source(path, max_chars=100_000)  # over max_chars: that record alone is rejected
+    assert isinstance(too_long, Reject) and too_long.line == 2 and "over the limit" in too_long.reason
+    assert short.id == "a2"
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.csv"])
+def test_13_id_with_a_lone_surrogate_is_rejected_at_its_line_under_skip(tmp_path, name):
+    path = tmp_path / name
+    if name == "p.jsonl":
+        write_jsonl(path, [{"id": "\ud800", "title": "Bad id", "abstract": "Abstract one."},
+                           {"id": "ok", "title": "Good id", "abstract": "Abstract two."}])
+    else:
+        path.write_bytes(b"id,title,abstract\n\xff\xfe,Bad id,Abstract one.\nok,Good id,Abstract two.\n")
+    rejects = tmp_path / "rejects.jsonl"
+    kept = list(read_corpus({"s": {"path": str(path)}}, on_error="skip", rejects_path=rejects))
+    assert [p.id for p in kept] == ["ok"]
+    [reject] = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert (reject["file"], reject["line"], reject["reason"]) == (str(path), 1 + name.endswith(".csv"),
+                                                                  "id is not valid UTF-8")
+
+
+def test_13_predict_skip_run_survives_an_id_with_a_lone_surrogate(tiny_checkpoint, tmp_path):
+    from abstract_tagger import Tagger
+    from abstract_tagger.predict_files import predict_file
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "\ud800", "title": "Bad id", "abstract": "Abstract one."},
+                                              {"id": "ok", "title": "Good id", "abstract": "Abstract two."}])
+    stats = predict_file(Tagger.from_pretrained(tiny_checkpoint, backend="torch", precision="fp32"), src,
+                         tmp_path / "out.jsonl", progress=False)
+    assert stats.summary() == "read 2 = tagged 1 + rejected 1"
+    assert [json.loads(r)["id"] for r in (tmp_path / "out.jsonl").read_text().splitlines()] == ["ok"]

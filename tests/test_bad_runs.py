@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from helpers import Killed, fit, labelled_dataset, make_cfg, minilm_tokenizer, records, run_publish, synthetic_targets, weights, write_jsonl
 
@@ -81,8 +82,17 @@ def test_2_9_output_over_the_input_or_a_directory_is_refused(root, tmp_path):
     validate_predict(predict_cfg(root, f"input={src}", f"output={tmp_path / 'out.jsonl'}"))  # a good one passes
 
 
-def killed_run(tagger, src, out, monkeypatch):
-    monkeypatch.setattr(tagger, "scores", lambda texts, **kw: (_ for _ in ()).throw(Killed()))
+def killed_run(tagger, src, out, monkeypatch, after=0):
+    """A run killed as it tags its chunk `after` (0: before any row is written)."""
+    calls, scores = [], tagger.scores
+
+    def dies(texts, **kw):
+        calls.append(1)
+        if len(calls) > after:
+            raise Killed
+        return scores(texts, **kw)
+
+    monkeypatch.setattr(tagger, "scores", dies)
     with pytest.raises(Killed):
         predict_file(tagger, src, out, chunk_size=2, progress=False)
     monkeypatch.undo()
@@ -328,3 +338,222 @@ def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, pa
         assert got.seconds > 0 and got.samples_per_s > 0
     for k, v in weights(full.backbone.model).items():
         torch.testing.assert_close(weights(resumed.backbone.model)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "zeroed"])
+def test_13_resume_of_a_damaged_partial_output_redoes_the_damaged_chunks(tagger, tmp_path, monkeypatch, caplog,
+                                                                         damage):
+    """A disk or copy failure (not a kill) cut the partial output short, or left zeros in it: the resumed
+    run keeps only the chunks whose bytes match the journal's digests; it never pads with NUL bytes."""
+    src = write_jsonl(tmp_path / "in.jsonl", records(11) + [{"id": "bad"}] + records(8))
+    predict_file(tagger, src, tmp_path / "once.jsonl", chunk_size=2, progress=False)
+    out = tmp_path / "out.jsonl"
+    killed_run(tagger, src, out, monkeypatch, after=7)
+    files = OutputFiles(out)
+    data = files.partial.read_bytes()
+    if damage == "cut-short":  # truncate -s 50%
+        files.partial.write_bytes(data[: len(data) // 2])
+    else:  # a block of zeros inside the file, the length unchanged
+        files.partial.write_bytes(data[:300] + b"\0" * 200 + data[500:])
+    with caplog.at_level(logging.WARNING):
+        stats = predict_file(tagger, src, out, chunk_size=2, progress=False, resume=True)
+    assert f"{files.partial}: cut short or damaged from its chunk" in caplog.text
+    assert out.read_bytes() == (tmp_path / "once.jsonl").read_bytes() and b"\0" not in out.read_bytes()
+    assert files.rejects.read_bytes() == OutputFiles(tmp_path / "once.jsonl").rejects.read_bytes()
+    assert stats.summary() == "read 20 = tagged 19 + rejected 1"
+
+
+def test_14_second_run_on_the_same_output_is_refused_at_start(tagger, tmp_path, monkeypatch):
+    """shard=0/2 and shard=1/2 started together with one output=: the second refuses before writing."""
+    from abstract_tagger.writing import OutputBusy
+
+    src, out = write_jsonl(tmp_path / "in.jsonl", records(8)), tmp_path / "out.jsonl"
+    predict_file(tagger, src, tmp_path / "alone.jsonl", chunk_size=2, shard=(0, 2), progress=False)
+    scores, refused = tagger.scores, []
+
+    def second_run_starts_meanwhile(texts, **kw):
+        if not refused:
+            with pytest.raises(OutputBusy, match=rf"^output={out}: another run is writing it") as err:
+                predict_file(tagger, src, out, chunk_size=2, shard=(1, 2), progress=False)
+            refused.append(err)
+        return scores(texts, **kw)
+
+    monkeypatch.setattr(tagger, "scores", second_run_starts_meanwhile)
+    predict_file(tagger, src, out, chunk_size=2, shard=(0, 2), progress=False)
+    assert refused and out.read_bytes() == (tmp_path / "alone.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.jsonl", "in.jsonl", "out.jsonl"]  # lock gone
+    monkeypatch.undo()
+    predict_file(tagger, src, out, chunk_size=2, shard=(1, 2), progress=False)  # free once the first is done
+
+
+@pytest.mark.parametrize("key, value", [
+    ("batch_size", -1), ("batch_size", 0), ("num_threads", -2), ("precision", "fp8"), ("backend", "tensorrt"),
+    ("recheck_margin", -0.5), ("top_k", -1), ("top_k", 0), ("threshold", 1.5), ("threshold", math.nan),
+    ("threshold", -0.1), ("chunk_size", 0), ("max_chars", -5), ("on_error", "ignore"), ("shard", "2/2"),
+])
+def test_15_api_refuses_what_the_cli_refuses_naming_the_key(root, tiny_checkpoint, tagger, tmp_path, key, value):
+    """One check for predict.py's settings and the Python API's arguments."""
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        validate_predict(predict_cfg(root, f"input={src}", f"output={tmp_path / 'out.jsonl'}", f"{key}={value}"))
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        if key in ("batch_size", "num_threads", "precision", "backend", "recheck_margin"):
+            Tagger.from_pretrained(tiny_checkpoint, **{key: value})
+        elif key in ("top_k", "threshold"):
+            tagger.predict(["Speech recognition. We transcribe audio."], **{key: value})
+        elif key == "shard":
+            predict_file(tagger, src, tmp_path / "out.jsonl", progress=False, shard=(2, 2))
+        else:
+            predict_file(tagger, src, tmp_path / "out.jsonl", progress=False, **{key: value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("bare", ["Title. Abstract about speech.", {"title": "T", "abstract": "A speech paper."}])
+def test_15_one_text_given_bare_is_refused_not_tagged_character_by_character(tagger, bare):
+    with pytest.raises(TypeError, match="expected a list of texts or records, got a single"):
+        tagger.predict(bare)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        tagger.scores(bare)
+
+
+def resaved_with_a_longer_header(path):
+    """The same tensors, saved again with metadata: every tensor's bytes move to another offset."""
+    save_file(load_file(path / "model.safetensors"), path / "model.safetensors",
+              metadata={"format": "pt", "note": "re-saved " * 40})
+
+
+def other_weights_same_layout(path):
+    state = load_file(path / "model.safetensors")
+    state["classifier.bias"] = state["classifier.bias"] + 1
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def short_position_table(path):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+
+
+def rules_table(value):
+    def damage(path):
+        from abstract_tagger.rule_blend import RuleBlend, rule_functions
+        from abstract_tagger.taxonomy import Taxonomy
+
+        taxonomy = Taxonomy.from_config(OmegaConf.load(Path(os.environ["PROJECT_ROOT"]) / "conf/taxonomy/default.yaml"))
+        table = np.full((3 ** len(rule_functions(taxonomy, 1).names), len(taxonomy)), value, dtype=np.float32)
+        RuleBlend(taxonomy, 1, table, 0.5).save(path)
+    return damage
+
+
+def thresholds_list(path):
+    (path / "thresholds.json").write_text(json.dumps([0.5] * 18))
+
+
+def corrupt_tokenizer(path):
+    (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPiece", "vocab": 3}}')
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("damage, message", [
+    (resaved_with_a_longer_header, "model.onnx: made from another model.safetensors"),
+    (other_weights_same_layout, "model.onnx: made from another model.safetensors"),
+    (short_position_table, "config.json: max_position_embeddings=16 is below the tokenizer's model_max_length=64"),
+    (rules_table(5.0), r"rules.json: the weight and every table value must be probabilities in \[0, 1\]"),
+    (rules_table(-0.1), r"rules.json: the weight and every table value must be probabilities in \[0, 1\]"),
+    (thresholds_list, "thresholds.json: expected a JSON object, got list"),
+    (corrupt_tokenizer, "cannot load"),
+], ids=["longer-header", "other-weights", "short-positions", "rules-5", "rules-negative", "thresholds-list",
+        "corrupt-tokenizer"])
+def test_16_checkpoint_files_that_disagree_are_refused_naming_the_file(tiny_onnx_checkpoint, tmp_path, damage,
+                                                                       message, backend):
+    path = broken_checkpoint(tiny_onnx_checkpoint, tmp_path)
+    damage(path)
+    if damage in (resaved_with_a_longer_header, other_weights_same_layout) and backend == "torch":
+        Tagger.from_pretrained(path, backend="torch", precision="fp32")  # torch reads the file as it is
+        return
+    with pytest.raises(CheckpointError, match=message) as err:
+        Tagger.from_pretrained(path, backend=backend, precision="fp32")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_17_output_inside_a_checkpoint_is_refused(root, tiny_checkpoint, tagger, tmp_path):
+    ckpt = broken_checkpoint(tiny_checkpoint, tmp_path)
+    before = (ckpt / "thresholds.json").read_bytes()
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    for output in (ckpt / "thresholds.json", ckpt / "tags.jsonl"):
+        with pytest.raises(ConfigError, match=rf"^output=.*is inside the checkpoint directory {ckpt}"):
+            validate_predict(predict_cfg(root, f"input={src}", f"output={output}"))
+        with pytest.raises(ConfigError, match="is inside the checkpoint directory"):
+            predict_file(tagger, src, output, progress=False)
+    assert (ckpt / "thresholds.json").read_bytes() == before and not (ckpt / "tags.jsonl").exists()
+
+
+def test_17_publish_onto_the_runs_own_checkpoint_is_refused(published):
+    run, _ = published
+    before = (run / "checkpoint/model.safetensors").read_bytes()
+    for out_dir, name in ((run, "checkpoint"), (run / "checkpoint", "sub")):
+        with pytest.raises(SystemExit, match=r"^error: out_dir=.*the run's own checkpoint"):
+            run_publish(f"run_dir={run}", f"name={name}", f"out_dir={out_dir}")
+    assert (run / "checkpoint/model.safetensors").read_bytes() == before
+
+
+def test_17_kill_between_the_renames_never_leaves_the_previous_rejects_beside_the_new_output(tagger, tmp_path,
+                                                                                           monkeypatch):
+    from abstract_tagger import predict_files
+
+    out, files = tmp_path / "out.jsonl", OutputFiles(tmp_path / "out.jsonl")
+    predict_file(tagger, write_jsonl(tmp_path / "old.jsonl", records(2) + [{"id": "old-bad"}]), out, progress=False)
+    assert "old-bad" not in files.rejects.read_text() and files.rejects.exists()
+    replace = os.replace
+
+    def killed_once_the_output_is_renamed(a, b):
+        replace(a, b)
+        if Path(b) == out:
+            raise Killed
+
+    monkeypatch.setattr(predict_files.os, "replace", killed_once_the_output_is_renamed)
+    with pytest.raises(Killed):
+        predict_file(tagger, write_jsonl(tmp_path / "new.jsonl", records(3) + [{"title": "new bad"}]), out,
+                     progress=False)
+    assert len(out.read_text().splitlines()) == 3  # the new output ...
+    assert not files.rejects.exists()  # ... never beside the old run's rejects
+
+
+def test_17_rewriting_weak_labels_on_a_full_disk_keeps_the_previous_file(papers, taxonomy, tmp_path, monkeypatch):
+    from helpers import weak_labels_on_disk
+
+    from abstract_tagger.labeling import weak_labels as wl
+
+    labels = weak_labels_on_disk(tmp_path / "cache", papers, synthetic_targets(papers, taxonomy), taxonomy.ids)
+    monkeypatch.setattr(wl, "to_markdown", lambda report: "# report\n")  # the helper's result has no report
+    run = tmp_path / "run"
+    labels.write(run)
+    good = (run / "weak_labels.jsonl").read_bytes()
+    (run / "rejects.jsonl").write_text('{"file": "old", "line": 1, "reason": "a previous run"}\n')
+    probs = wl._load_probs
+
+    def disk_full_at_chunk_2(root, i):
+        if i == 2:
+            raise OSError(28, "No space left on device")
+        return probs(root, i)
+
+    monkeypatch.setattr(wl, "_load_probs", disk_full_at_chunk_2)
+    with pytest.raises(OSError, match="No space left"):
+        labels.write(run)
+    assert (run / "weak_labels.jsonl").read_bytes() == good
+    assert sorted(p.name for p in run.iterdir()) == ["lf_report.json", "lf_report.md", "weak_labels.jsonl"]
+
+
+def test_18_resume_with_other_training_settings_is_refused_naming_them(root, papers, taxonomy, tmp_path):
+    overrides = ["trainer.epochs=2", "trainer.batch_size=8", "trainer.log_every=1"]
+    fit(make_cfg(root, "trainer.epochs=1", *overrides[1:]), papers, taxonomy, tmp_path / "run")
+    states = tmp_path / "run/state"
+    before = sorted(p.name for p in states.iterdir())
+    with pytest.raises(ValueError, match=r"cannot resume from .*batch-5: it was made with other settings: "
+                                         r"phase.epochs \(1 -> 2\), phase.lr \(.* -> 0.0005\), seed \(\d+ -> 7\), "
+                                         r"trainer.batch_size \(8 -> 4\), .*trainer.epochs \(1 -> 2\), trainer.lr \(0.001 -> 0.0005\); "):
+        fit(make_cfg(root, *overrides, "trainer.batch_size=4", "trainer.lr=0.0005", "seed=7", "trainer.resume=auto"),
+            papers, taxonomy, tmp_path / "run")
+    assert sorted(p.name for p in states.iterdir()) == before
+    # The same settings resume (log_every and the like change nothing the weights depend on).
+    fit(make_cfg(root, "trainer.epochs=1", *overrides[1:2], "trainer.log_every=2", "trainer.resume=auto"), papers,
+        taxonomy, tmp_path / "run")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import sys
 import time
@@ -64,14 +65,28 @@ def require(ok: bool, key: str, message: str, value) -> None:
         raise ConfigError(f"{key}={value!r}: {message}")
 
 
-def _positive(cfg: DictConfig, key: str, *, integer: bool = False, allow_none: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
+def _is_number(value: Any, integer: bool = False) -> bool:
+    # numbers.*: numpy scalars count too; bool is an int to Python but never a sensible value here.
+    return isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+
+
+def positive(key: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    kind = int if integer else (int, float)
     # isfinite: trainer.lr=inf trains to NaN weights.
-    require(isinstance(value, kind) and not isinstance(value, bool) and value > 0 and math.isfinite(value), key,
+    require(_is_number(value, integer) and value > 0 and math.isfinite(value), key,
              f"must be a positive {'integer' if integer else 'number'}", value)
+
+
+def fraction(key: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    # `0 <= value <= 1` is False for NaN, as every comparison with it is.
+    require(_is_number(value) and 0 <= value <= 1, key, "must be a number in [0, 1]", value)
+
+
+def _positive(cfg: DictConfig, key: str, *, integer: bool = False, allow_none: bool = False) -> None:
+    positive(key, OmegaConf.select(cfg, key), integer=integer, allow_none=allow_none)
 
 
 def _one_of(cfg: DictConfig, key: str, choices: tuple) -> None:
@@ -80,11 +95,7 @@ def _one_of(cfg: DictConfig, key: str, choices: tuple) -> None:
 
 
 def _fraction(cfg: DictConfig, key: str, *, allow_none: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and allow_none:
-        return
-    require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1, key,
-             "must be a number in [0, 1]", value)
+    fraction(key, OmegaConf.select(cfg, key), allow_none=allow_none)
 
 
 def _existing_file(cfg: DictConfig, key: str) -> None:
@@ -180,28 +191,56 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
+# The options predict.py and the Python API (Tagger, predict_file) share; both check them here.
+PREDICT_OPTIONS = ("backend", "precision", "batch_size", "chunk_size", "max_chars", "top_k", "num_threads",
+                   "threshold", "recheck_margin", "on_error")
+
+
+def check_predict_options(options: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the first of `options` (some of PREDICT_OPTIONS, plain values) that
+    cannot work: a negative batch size would leave rows of uninitialised scores, top_k=-1 would drop
+    the last tag, a threshold over 1 or NaN would tag nothing."""
+    from abstract_tagger.tagger import BACKENDS, ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS
+
+    unknown = sorted(set(options) - set(PREDICT_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown prediction option(s) {unknown}; expected some of {PREDICT_OPTIONS}")
+    for key in ("batch_size", "chunk_size", "max_chars"):
+        if key in options:
+            positive(key, options[key], integer=True)
+    for key in ("top_k", "num_threads"):
+        if key in options:
+            positive(key, options[key], integer=True, allow_none=True)
+    if "threshold" in options:
+        fraction("threshold", options["threshold"], allow_none=True)
+    checks = {"backend": BACKENDS, "on_error": ("raise", "skip"),
+              "precision": {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS}.get(options.get("backend"), PRECISIONS)}
+    for key, choices in checks.items():
+        if key in options:
+            require(options[key] in choices, key, f"must be one of {choices}", options[key])
+    if options.get("recheck_margin") is not None:
+        _check_margin(options["recheck_margin"], PRECISIONS)
+
+
+def _check_margin(margin: Any, precisions: tuple[str, ...]) -> None:
+    """In logit units: a number for every reduced precision, or {precision: margin}."""
+    margins = margin if isinstance(margin, Mapping) else {"": margin}
+    require(all(k in ("", *precisions) for k in margins) and all(
+        _is_number(v) and 0 <= v < math.inf for v in margins.values()),
+        "recheck_margin", f"must be a number >= 0 or a mapping {{precision: number >= 0}} of {precisions[1:]}",
+        margin)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
 def validate_predict(cfg: DictConfig) -> None:
     """predict.py: every setting, before the model loads and before anything is written."""
     from abstract_tagger.corpus import FORMATS
-    from abstract_tagger.predict_files import OutputFiles, parse_shard
-    from abstract_tagger.tagger import BACKENDS, ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS
+    from abstract_tagger.predict_files import parse_shard
 
-    for key in ("batch_size", "chunk_size", "max_chars"):
-        _positive(cfg, key, integer=True)
-    for key in ("top_k", "num_threads"):
-        _positive(cfg, key, integer=True, allow_none=True)
-    _fraction(cfg, "threshold", allow_none=True)
-    _one_of(cfg, "backend", BACKENDS)
-    precisions = {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS}.get(cfg.backend, PRECISIONS)
-    _one_of(cfg, "precision", precisions)
-    # In logit units: a number for every reduced precision, or {precision: margin}.
-    margin = cfg.recheck_margin
-    margins = OmegaConf.to_container(margin) if isinstance(margin, DictConfig) else {"": margin}
-    require(all(k in ("", *PRECISIONS) for k in margins) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf for v in margins.values()),
-        "recheck_margin", f"must be a number >= 0 or a mapping {{precision: number >= 0}} of {PRECISIONS[1:]}",
-        OmegaConf.to_container(margin) if isinstance(margin, DictConfig) else margin)
-    _one_of(cfg, "on_error", ("raise", "skip"))
+    check_predict_options({key: _plain(cfg[key]) for key in PREDICT_OPTIONS})
     _one_of(cfg, "format", (None, *FORMATS))
     for key in ("resume", "progress"):
         _one_of(cfg, key, (True, False))
@@ -213,14 +252,28 @@ def validate_predict(cfg: DictConfig) -> None:
              cfg.fields.values())), "fields", "must be a mapping like {title: COLUMN, abstract: COLUMN}", cfg.fields)
     source = str(cfg.input)
     require(source == "-" or Path(source).is_file(), "input", "file not found (or not a file)", source)
-    output = Path(str(cfg.output))
+    check_output(source, cfg.output)
+
+
+# What marks a directory as a checkpoint (an exported one has both).
+_CHECKPOINT_FILES = ("config.json", "thresholds.json")
+
+
+def check_output(source: str | Path, output: str | Path) -> None:
+    """predict.py's and predict_file's output: a new file that destroys nothing (the input, a checkpoint)."""
+    from abstract_tagger.predict_files import OutputFiles
+
+    output, source = Path(str(output)), str(source)
     require(not output.is_dir(), "output", "is a directory; give a file name", str(output))
     # Rows are appended and truncated by byte offset to resume; a compressed stream cannot be.
     require(output.suffix.lower() != ".gz", "output", "compressed output is not supported; write a .jsonl "
              "or .csv and compress it afterwards", str(output))
+    # Its thresholds.json or config.json would be overwritten, or a stray file published with it.
+    require(not all((output.parent / name).is_file() for name in _CHECKPOINT_FILES), "output",
+            f"is inside the checkpoint directory {output.parent}; write it elsewhere", str(output))
     if source != "-":
         files = OutputFiles(output)
-        for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal):
+        for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal, files.lock):
             require(not _same_file(path, Path(source)), "output", f"would overwrite the input {source}", str(output))
 
 
@@ -231,6 +284,11 @@ def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
     require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
              "name", "must be a plain directory name", cfg.name)
     require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
+    dest, source = (Path(cfg.out_dir) / cfg.name).resolve(), (run_dir / "checkpoint").resolve()
+    # Publishing replaces out_dir/name with an fp16 copy of the run's checkpoint: never the checkpoint itself.
+    require(dest != source and source not in dest.parents and dest not in source.parents, "out_dir",
+            f"out_dir/name ({dest}) is or holds the run's own checkpoint {source}, which publishing would "
+            "replace by its fp16 copy; publish somewhere else", cfg.out_dir)
     _positive(cfg, "max_mb")
     _fraction(cfg, "max_score_diff")
     _fraction(cfg, "max_disagreement")

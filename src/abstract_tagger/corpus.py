@@ -103,11 +103,16 @@ class CorpusStats:
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """`write(file)` under a temporary name, then renamed to `path`: a kill never leaves half a file there,
-    and a reader sees the whole file or none (caches that a killed run resumes from)."""
+    """`write(file)` under a temporary name, then renamed to `path`: a kill or a full disk never leaves
+    half a file there, and a reader sees the previous whole file or the new one (caches that a killed
+    run resumes from, results rewritten in a reused run directory)."""
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        write(f)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
@@ -271,10 +276,16 @@ def _make_paper(
         categories = categories.split()
     elif not (isinstance(categories, list | tuple) and all(isinstance(c, str) for c in categories)):
         return Reject(source, line, "categories must be a list of strings or a space-separated string")
+    if any(_SURROGATE.search(c) for c in categories):
+        return Reject(source, line, "categories are not valid UTF-8")
     if pid is None or pid == "":
         pid = f"{id_prefix}-{line:06d}"
     elif isinstance(pid, bool) or not isinstance(pid, str | int):
         return Reject(source, line, f"id is {type(pid).__name__}, expected a string")
+    elif isinstance(pid, str) and _SURROGATE.search(pid):
+        # The id is written back into every output row, which cannot hold it: reject here, at its line,
+        # rather than fail the whole run when the row is written.
+        return Reject(source, line, "id is not valid UTF-8")
     return Paper(
         id=str(pid).strip(),
         title=texts["title"],
@@ -365,6 +376,41 @@ def _parse_categories(value: str) -> Any:
     return value.replace(",", " ").split()
 
 
+# The csv module's default field size limit: a field longer than this stops the run as malformed (it
+# is how an unclosed quote is caught before it swallows the rest of a big file).
+_CSV_FIELD_LIMIT = 131_072
+
+
+def _csv_rows(reader: Iterator[list[str]], max_chars: int | None) -> Iterator[list[str]]:
+    """`reader`'s rows, with the field size limit raised to what `max_chars` keeps (a valid longer field
+    stopped the run). Whitespace is collapsed after reading, so a raw field may be longer than its
+    text: 4x leaves room. The limit is process-wide, so it is set for each row and put back."""
+    limit = max(_CSV_FIELD_LIMIT, 4 * max_chars) if max_chars else _CSV_FIELD_LIMIT
+    while True:
+        before = csv.field_size_limit(limit)
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        finally:
+            csv.field_size_limit(before)
+        yield row
+
+
+def _columns(source: str, header: list[str], names: Mapping[str, str]) -> dict[str, int]:
+    """{column name: index} of the header; a column this reader uses must be there exactly once."""
+    col = {h.strip(): i for i, h in enumerate(header)}
+    missing = [names[k] for k in ("title", "abstract") if names[k] not in col]
+    if missing:
+        raise CorpusError(source, 1, f"CSV header lacks column(s) {missing}; it has {header}")
+    stripped = [h.strip() for h in header]
+    repeated = sorted({name for name in names.values() if stripped.count(name) > 1})
+    if repeated:
+        # Which copy holds the text is a guess: the last one won, silently.
+        raise CorpusError(source, 1, f"CSV header repeats column(s) {repeated}; keep one of each")
+    return col
+
+
 def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None = None,
              fields: Mapping[str, str] | None = None) -> Iterator[Paper | Reject]:
     """CSV with a header row and configurable column names (`fields` maps id/title/abstract/
@@ -375,17 +421,14 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None 
         lines = _Lines(source, f)
         # strict: a quote left open runs to the end of the file, which without it is one silent field
         # swallowing every later record; with it, the end of data inside quotes is an error.
-        reader = csv.reader(lines, strict=True)
+        reader = _csv_rows(csv.reader(lines, strict=True), max_chars)
         try:
             header = next(reader)
         except StopIteration:
             raise CorpusError(source, 1, "empty CSV file: no header row") from None
         except csv.Error as e:
             raise CorpusError(source, 1, f"malformed CSV header: {e}") from None
-        col = {h.strip(): i for i, h in enumerate(header)}
-        missing = [names[k] for k in ("title", "abstract") if names[k] not in col]
-        if missing:
-            raise CorpusError(source, 1, f"CSV header lacks column(s) {missing}; it has {header}")
+        col = _columns(source, header, names)
         while True:
             start = lines.next_line  # the reader reads no further ahead than the record it returns
             try:

@@ -17,7 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8, Backend, CheckpointError, recheck_margin_for
+from abstract_tagger.corpus import file_digest
+from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8, WEIGHTS_DIGEST_KEY, Backend, CheckpointError, recheck_margin_for
 from abstract_tagger.tagger import ONNX_PRECISIONS as PRECISIONS
 
 
@@ -86,9 +87,21 @@ class OnnxBackend(Backend):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # the fp16 -> fp32 Cast folding at load is expected, not worth a warning
         try:
-            return ort.InferenceSession(str(self.path / name), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(self.path / name), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's errors derive from Exception only
             raise CheckpointError(f"{self.path}: cannot load {name}: {type(e).__name__}: {_first_line(e)}") from e
+        made_from = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_DIGEST_KEY)
+        # Graphs exported before the digest was recorded carry none and cannot be checked.
+        if made_from is not None and made_from != self.weights_digest:
+            raise CheckpointError(
+                f"{self.path / name}: made from another model.safetensors than the one beside it (SHA-256 differs): "
+                "it reads weights at that file's byte offsets and would give wrong scores; re-export the graphs "
+                "(publish.py) or use backend=torch")
+        return session
+
+    @cached_property
+    def weights_digest(self) -> str:
+        return file_digest(self.path / "model.safetensors")
 
     @cached_property
     def exact(self) -> ort.InferenceSession:
@@ -104,7 +117,8 @@ class OnnxBackend(Backend):
 
     def fingerprint(self, h) -> None:
         """The weights file and the graphs that read it."""
-        for name in ("model.safetensors", ONNX_FP32, ONNX_INT8):
+        h.update(self.weights_digest.encode())
+        for name in (ONNX_FP32, ONNX_INT8):
             if (self.path / name).is_file():
                 h.update(name.encode())
                 with open(self.path / name, "rb") as f:

@@ -33,7 +33,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoModelForSequenceClassification
 
-from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8
+from abstract_tagger.corpus import file_digest
+from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8, WEIGHTS_DIGEST_KEY
 
 _WEIGHTS = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F16": (np.float16, TensorProto.FLOAT16), "F32": (np.float32, TensorProto.FLOAT)}
@@ -215,12 +216,16 @@ def export_onnx(checkpoint: Path) -> dict[str, Path]:
     """Write model.onnx and model_quantized.onnx into `checkpoint`, which must hold model.safetensors."""
     checkpoint = Path(checkpoint)
     written = {}
+    # The graphs read the weights at fixed byte offsets, and keep the small tensors inline: they are
+    # right only beside the very file they were made from, which the backend checks by this digest.
+    digest = file_digest(checkpoint / _WEIGHTS)
     with tempfile.TemporaryDirectory() as tmp, _without_info_logs():
         fp32 = export_fp32(checkpoint, Path(tmp))
         int8 = quantize_int8(fp32)
         for name, source in ((ONNX_FP32, fp32), (ONNX_INT8, int8)):
             model = onnx.load(source)
             share_weights(model, checkpoint / _WEIGHTS)
+            model.metadata_props.add(key=WEIGHTS_DIGEST_KEY, value=digest)
             onnx.save(model, checkpoint / name)
             written[name] = checkpoint / name
     return written

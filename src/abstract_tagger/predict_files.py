@@ -23,10 +23,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from abstract_tagger.config_checks import validate_predict
-from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source
+from abstract_tagger.config_checks import ConfigError, check_output, check_predict_options, validate_predict
+from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
 from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
 from abstract_tagger.progress import progress_bar
+from abstract_tagger.writing import exclusive, lock_path
 
 log = logging.getLogger(__name__)
 _SCORE_DECIMALS = 4
@@ -57,6 +58,14 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def check_shard(shard: Any) -> None:
+    """The API's (I, N), checked as predict.py's "I/N" is: shard (2, 2) would tag nothing."""
+    ok = (isinstance(shard, tuple | list) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+          and 0 <= shard[0] < shard[1])
+    if not ok:
+        raise ConfigError(f"shard={shard!r}: must be (I, N) with 0 <= I < N")
+
+
 class OutputFiles:
     """Everything a run writes next to its output."""
 
@@ -66,19 +75,22 @@ class OutputFiles:
             self.output.with_name(self.output.name + suffix)
             for suffix in (".partial", ".rejects.jsonl", ".rejects.jsonl.partial", ".journal")
         )
+        self.lock = lock_path(self.output)
 
     def part(self, index: int, count: int) -> OutputFiles:
         """One process's share of a multi-process run; keeps the extension that picks the row format."""
         return OutputFiles(self.output.with_name(f"{self.output.stem}.part{index}-of-{count}{self.output.suffix}"))
 
     def finalize(self, rejected: int) -> None:
+        # An earlier run's rejects file goes before the new output appears: beside it, they would be
+        # mistaken for this run's. A kill between the renames below leaves the new output without its
+        # rejects (still in the .partial file), never beside the old ones.
+        self.rejects.unlink(missing_ok=True)
         os.replace(self.partial, self.output)
         if rejected:
             os.replace(self.rejects_partial, self.rejects)
         else:
-            # A rejects file left by an earlier run on this output would be mistaken for this run's.
             self.rejects_partial.unlink(missing_ok=True)
-            self.rejects.unlink(missing_ok=True)
         self.journal.unlink(missing_ok=True)
 
     def remove_partials(self) -> None:
@@ -142,30 +154,66 @@ def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any
     return lines[0], lines[1:]
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _intact_chunks(files: OutputFiles, header: bytes, done: list[dict[str, Any]]) -> int:
+    """How many of the journalled chunks the partial files still hold byte for byte. A kill only ever
+    cuts after the last journalled chunk, but a full disk, a failing one or an interrupted copy can cut
+    a file short (or leave zeros) anywhere: each chunk's bytes are checked against the digests the
+    journal recorded for them."""
+    try:
+        with open(files.partial, "rb") as out, open(files.rejects_partial, "rb") as rejects:
+            if out.read(len(header)) != header:
+                return 0
+            for n, entry in enumerate(done):
+                for f, key in ((out, "output"), (rejects, "rejects")):
+                    size = entry[f"{key}_end"] - f.tell()
+                    if size < 0 or _sha256(f.read(size)) != entry.get(f"{key}_sha256"):
+                        return n
+    except FileNotFoundError:
+        return 0
+    return len(done)
+
+
 class _OpenFiles:
     """The open files of one run: the partial output, the partial rejects and the journal."""
 
     def __init__(self, files: OutputFiles, rows: RowFormat, settings: dict[str, Any], resume: bool):
         files.output.parent.mkdir(parents=True, exist_ok=True)
-        saved, done = _read_journal(files.journal) if resume else (None, [])
-        if resume and saved is not None and saved != settings:
+        done = self._resumable(files, rows, settings) if resume else []
+        self.done = len(done)
+        last = done[-1] if done else {}
+        self.stats = PredictStats(**{k: last.get(k, 0) for k in ("read", "tagged", "rejected")})
+        # Bytes after the last intact chunk belong to a chunk cut short by a kill: cut them off (the
+        # files were checked to hold at least that much, so this never pads).
+        self.out = self._open(files.partial, last.get("output_end"), rows.header())
+        self.rejects = self._open(files.rejects_partial, last.get("rejects_end"), b"")
+        # Rewritten whole: entries of chunks found damaged must go.
+        write_atomic(files.journal, lambda f: f.write(
+            "".join(json.dumps(line) + "\n" for line in (settings, *done)).encode("utf-8")))
+        self.journal = open(files.journal, "a", encoding="utf-8")
+
+    @staticmethod
+    def _resumable(files: OutputFiles, rows: RowFormat, settings: dict[str, Any]) -> list[dict[str, Any]]:
+        """The journal entries of the partial run that this run can continue, intact ones only."""
+        saved, done = _read_journal(files.journal)
+        if saved is None:
+            log.info("resume: no partial run of %s found, starting from the beginning", files.output)
+            return []
+        if saved != settings:
             changed = sorted(k for k in settings if saved.get(k) != settings[k])
             raise ValueError(
                 f"cannot resume {files.output}: the partial run used different {', '.join(changed)}; "
                 "rerun without resume=true"
             )
-        if resume and saved is None:
-            log.info("resume: no partial run of %s found, starting from the beginning", files.output)
-        self.done = len(done)
-        last = done[-1] if done else {}
-        self.stats = PredictStats(**{k: last.get(k, 0) for k in ("read", "tagged", "rejected")})
-        # Bytes after the last journalled chunk belong to a chunk cut short by a kill: cut them off.
-        self.out = self._open(files.partial, last.get("output_end"), rows.header())
-        self.rejects = self._open(files.rejects_partial, last.get("rejects_end"), b"")
-        self.journal = open(files.journal, "a" if done else "w", encoding="utf-8")
-        if not done:
-            self.journal.write(json.dumps(settings) + "\n")
-            self.journal.flush()
+        intact = _intact_chunks(files, rows.header(), done)
+        if intact < len(done):
+            log.warning("%s: cut short or damaged from its chunk %d of %d on (a disk or copy failure; a kill "
+                        "never does this): resuming after the %d intact chunk(s)", files.partial, intact + 1,
+                        len(done), intact)
+        return done[:intact]
 
     @staticmethod
     def _open(path: Path, end: int | None, header: bytes) -> BinaryIO:
@@ -179,19 +227,44 @@ class _OpenFiles:
         return f
 
     def commit(self, rows: bytes, rejects: Sequence[Reject], chunk: int, tagged: int) -> None:
+        reject_lines = "".join(r.to_json() + "\n" for r in rejects).encode("utf-8", "surrogateescape")
         self.out.write(rows)
-        self.rejects.write("".join(r.to_json() + "\n" for r in rejects).encode("utf-8", "surrogateescape"))
+        self.rejects.write(reject_lines)
         self.out.flush()
         self.rejects.flush()
         self.stats.add(PredictStats(read=tagged + len(rejects), tagged=tagged, rejected=len(rejects)))
         entry = {"chunk": chunk, **asdict(self.stats),
-                 "output_end": self.out.tell(), "rejects_end": self.rejects.tell()}
+                 "output_end": self.out.tell(), "rejects_end": self.rejects.tell(),
+                 "output_sha256": _sha256(rows), "rejects_sha256": _sha256(reject_lines)}
         self.journal.write(json.dumps(entry) + "\n")
         self.journal.flush()
 
     def close(self) -> None:
         for f in (self.out, self.rejects, self.journal):
             f.close()
+
+
+def _tag_chunks(tagger: Tagger, records: Iterable[Paper | Reject], run: _OpenFiles, rows: RowFormat, *,
+                chunk_size: int, shard: tuple[int, int], on_error: str, top_k: int | None,
+                threshold: float | None, progress: bool) -> None:
+    """Tag this shard's chunks that the partial run has not finished, committing each as it is done."""
+    index, count = shard
+    bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
+    try:
+        for k, chunk in enumerate(batched(records, chunk_size)):
+            if k % count != index or k // count < run.done:
+                continue
+            papers = [r for r in chunk if isinstance(r, Paper)]
+            rejects = [r for r in chunk if isinstance(r, Reject)]
+            if rejects and on_error == "raise":
+                first = rejects[0]
+                raise CorpusError(first.source, first.line, first.reason)
+            scores = tagger.scores(papers, threshold=threshold)
+            tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
+            run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
 
 
 def predict_file(
@@ -218,12 +291,12 @@ def predict_file(
     With finalize=False the partial files and journal stay for `merge_parts`. max_chars, chunk_size and
     on_error left None take conf/predict.yaml's values.
     """
-    defaults = predict_defaults()
-    max_chars = defaults["max_chars"] if max_chars is None else max_chars
-    chunk_size = chunk_size or defaults["chunk_size"]
-    on_error = on_error or defaults["on_error"]
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    given = {"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error}
+    max_chars, chunk_size, on_error = (predict_defaults()[k] if v is None else v for k, v in given.items())
+    check_predict_options({"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error, "top_k": top_k,
+                           "threshold": threshold})
+    check_output(input, output)
+    check_shard(shard)
     files = OutputFiles(Path(output))
     rows = RowFormat.for_path(files.output, tagger.labels)
     index, count = shard
@@ -238,31 +311,20 @@ def predict_file(
     # Stdin has no name to guess a format from; JSON lines is the pipe-friendly one.
     fmt = format or ("jsonl" if str(input) == "-" else None)
     records = read_source(input, fmt, max_chars=max_chars, **({"fields": dict(fields)} if fields else {}))
-    run = _OpenFiles(files, rows, settings, resume)
-    bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
-    try:
-        for k, chunk in enumerate(batched(records, chunk_size)):
-            if k % count != index or k // count < run.done:
-                continue
-            papers = [r for r in chunk if isinstance(r, Paper)]
-            rejects = [r for r in chunk if isinstance(r, Reject)]
-            if rejects and on_error == "raise":
-                first = rejects[0]
-                raise CorpusError(first.source, first.line, first.reason)
-            scores = tagger.scores(papers, threshold=threshold)
-            tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
-            run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
-            bar.update(len(chunk))
-    except Exception:
-        # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
-        run.close()
-        files.remove_partials()
-        raise
-    finally:
-        bar.close()
-        run.close()
-    if finalize:
-        files.finalize(run.stats.rejected)
+    with exclusive(files.output):
+        run = _OpenFiles(files, rows, settings, resume)
+        try:
+            _tag_chunks(tagger, records, run, rows, chunk_size=chunk_size, shard=shard, on_error=on_error,
+                        top_k=top_k, threshold=threshold, progress=progress)
+        except Exception:
+            # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
+            run.close()
+            files.remove_partials()
+            raise
+        finally:
+            run.close()
+        if finalize:
+            files.finalize(run.stats.rejected)
     if not run.stats.read and index == 0:
         log.warning("%s: no records (empty input); %s is empty", input, files.output)
     return run.stats
@@ -272,37 +334,45 @@ def merge_parts(output: str | Path, count: int) -> PredictStats:
     """Interleave the chunks of `count` unfinalized shard runs back into input order in `output`."""
     files = OutputFiles(Path(output))
     parts = [files.part(i, count) for i in range(count)]
-    journals = [_read_journal(p.journal) for p in parts]
-    rows = RowFormat(journals[0][0]["labels"], csv_output=journals[0][0]["csv"])
-    header = len(rows.header())
+    read = [_read_journal(p.journal) for p in parts]
+    journals = [done for _, done in read]
+    rows = RowFormat(read[0][0]["labels"], csv_output=read[0][0]["csv"])
     stats = PredictStats()
-    with open(files.partial, "wb") as out, open(files.rejects_partial, "wb") as rejects:
-        out.write(rows.header())
-        sources = [(open(p.partial, "rb"), open(p.rejects_partial, "rb")) for p in parts]
-        cursors = [[header, 0] for _ in parts]
-        try:
-            k = 0
-            while k // count < len(journals[k % count][1]):
-                part = k % count
-                entry = journals[part][1][k // count]
-                (out_src, rej_src), cursor = sources[part], cursors[part]
-                out_src.seek(cursor[0])
-                out.write(out_src.read(entry["output_end"] - cursor[0]))
-                rej_src.seek(cursor[1])
-                rejects.write(rej_src.read(entry["rejects_end"] - cursor[1]))
-                cursor[:] = entry["output_end"], entry["rejects_end"]
-                k += 1
-        finally:
-            for pair in sources:
-                for f in pair:
-                    f.close()
-    for _, done in journals:
+    for done in journals:
         if done:
             stats.add(PredictStats(**{key: done[-1][key] for key in ("read", "tagged", "rejected")}))
-    files.finalize(stats.rejected)
+    with exclusive(files.output):
+        with open(files.partial, "wb") as out, open(files.rejects_partial, "wb") as rejects:
+            out.write(rows.header())
+            _interleave(parts, journals, out, rejects, len(rows.header()))
+        files.finalize(stats.rejected)
     for part in parts:
         part.remove_partials()
     return stats
+
+
+def _interleave(parts: list[OutputFiles], journals: list[list[dict[str, Any]]], out: BinaryIO, rejects: BinaryIO,
+                header: int) -> None:
+    """Chunk k of the input is chunk k // count of part k % count: copy them in that order."""
+    count = len(parts)
+    sources = [(open(p.partial, "rb"), open(p.rejects_partial, "rb")) for p in parts]
+    cursors = [[header, 0] for _ in parts]
+    try:
+        k = 0
+        while k // count < len(journals[k % count]):
+            part = k % count
+            entry = journals[part][k // count]
+            (out_src, rej_src), cursor = sources[part], cursors[part]
+            out_src.seek(cursor[0])
+            out.write(out_src.read(entry["output_end"] - cursor[0]))
+            rej_src.seek(cursor[1])
+            rejects.write(rej_src.read(entry["rejects_end"] - cursor[1]))
+            cursor[:] = entry["output_end"], entry["rejects_end"]
+            k += 1
+    finally:
+        for pair in sources:
+            for f in pair:
+                f.close()
 
 
 @dataclass

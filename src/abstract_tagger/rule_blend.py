@@ -104,9 +104,11 @@ class RuleBlend:
         taxonomy = Taxonomy.from_config({"tags": data["tags"]})
         table = np.asarray(data["table"], dtype=np.float32)
         blend = cls(taxonomy, int(data["min_abstract_hits"]), table, float(data["weight"]))
-        if taxonomy.ids != list(tag_ids) or table.shape != (_OUTCOMES ** len(blend.functions.names), len(tag_ids)) \
-                or not 0 <= blend.weight <= 1 or not np.isfinite(table).all():
+        if taxonomy.ids != list(tag_ids) or table.shape != (_OUTCOMES ** len(blend.functions.names), len(tag_ids)):
             raise ValueError(f"{path}: does not match the checkpoint's labels or is malformed")
+        # `not 0 <= x <= 1` also catches NaN. The table holds probabilities: 5.0 gave "probabilities" of 3.
+        if not 0 <= blend.weight <= 1 or not ((table >= 0) & (table <= 1)).all():
+            raise ValueError(f"{path}: the weight and every table value must be probabilities in [0, 1]")
         return blend
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from abstract_tagger.config_checks import check_predict_options
 from abstract_tagger.corpus import Paper, normalize_ws
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend
 
@@ -34,6 +35,10 @@ _PAD_MULTIPLE = 8
 _PREDICT_CONF = Path(__file__).resolve().parents[2] / "conf/predict.yaml"
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model_quantized.onnx"
+# An ONNX graph's metadata key for the SHA-256 of the model.safetensors it reads its weights from.
+WEIGHTS_DIGEST_KEY = "abstract_tagger.safetensors_sha256"
+# What tokenizers report as model_max_length when none was saved.
+_NO_LENGTH_LIMIT = 1 << 30
 
 
 class CheckpointError(ValueError):
@@ -63,7 +68,36 @@ def check_checkpoint(path: str | Path) -> Path:
         missing.append("model.safetensors (weights)")
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    check_lengths(path)
     return path
+
+
+def read_json(path: Path, kind: type = dict) -> Any:
+    """A checkpoint's JSON file, which must hold a `kind`; CheckpointError naming it otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                              f"got {type(value).__name__}")
+    return value
+
+
+def check_lengths(path: Path) -> None:
+    """config.json must have room for every token the tokenizer keeps: a smaller max_position_embeddings
+    made the ONNX path cut every input short (torch refuses it only through the weights' shapes)."""
+    config = read_json(path / "config.json")
+    positions = config.get("max_position_embeddings")
+    tokenizer_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    limit = tokenizer_config.get("model_max_length")
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        raise CheckpointError(f"{path / 'config.json'}: max_position_embeddings must be a positive integer, "
+                              f"got {positions!r}")
+    if isinstance(limit, int) and limit < _NO_LENGTH_LIMIT and limit > positions:
+        raise CheckpointError(f"{path / 'config.json'}: max_position_embeddings={positions} is below the "
+                              f"tokenizer's model_max_length={limit} (tokenizer_config.json): inputs would be cut "
+                              "to fewer tokens than the model was trained on")
 
 
 @cache
@@ -147,6 +181,15 @@ def as_text(item: str | Paper | Mapping[str, Any]) -> str:
         return item
     paper = as_paper(item)
     return paper.text if paper.title else paper.abstract
+
+
+def _as_items(items: Any) -> list[Any]:
+    """The list of texts or records; one text or record given bare is a mistake, not a list (a string
+    would be tagged character by character)."""
+    if isinstance(items, str | bytes | Paper | Mapping):
+        raise TypeError(f"expected a list of texts or records, got a single {type(items).__name__}: "
+                        "wrap it in a list")
+    return list(items)
 
 
 class Backend:
@@ -247,11 +290,13 @@ class Tagger:
         recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
     ) -> Tagger:
         """Options left None take conf/predict.yaml's values (see there for what each means)."""
+        given = {"backend": backend, "precision": precision, "batch_size": batch_size,
+                 "recheck_margin": recheck_margin, "num_threads": num_threads}
+        # `is None`, not `or`: batch_size=0 is an error to report, not a request for the default.
+        options = {k: predict_defaults()[k] if v is None else v for k, v in given.items()}
+        check_predict_options(options)
         path = check_checkpoint(path)
-        defaults = predict_defaults()
-        chosen = choose_backend(backend or defaults["backend"], path, device)
-        options = {"precision": precision or defaults["precision"], "batch_size": batch_size or defaults["batch_size"],
-                   "recheck_margin": recheck_margin, "num_threads": num_threads or defaults["num_threads"]}
+        chosen = choose_backend(options.pop("backend"), path, device)
         if chosen == "onnx":
             from abstract_tagger.onnx_backend import OnnxBackend
 
@@ -260,21 +305,20 @@ class Tagger:
             from abstract_tagger.torch_backend import TorchBackend
 
             model = TorchBackend.load(path, device=device, **options)
-        try:
-            thresholds = json.loads((path / "thresholds.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+        thresholds = read_json(path / "thresholds.json")
         try:
             blend = RuleBlend.load(path, model.labels)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: bad {RULES_FILE}: {e}") from None
         return cls(model, thresholds, blend=blend)
 
-    def scores(self, items: Sequence[str | Paper | Mapping[str, Any]], *,
+    def scores(self, items: Iterable[str | Paper | Mapping[str, Any]], *,
                threshold: float | None = None) -> np.ndarray:
         """Probabilities, float32 [len(items), len(labels)], rows in input order: the model's sigmoid
         scores, blended with the rule functions where the checkpoint has a `rules.json`; exact (fp32)
         near the per-tag thresholds, or near `threshold` where one is given for all tags."""
+        items = _as_items(items)
+        check_predict_options({"threshold": threshold})
         if not len(items):
             return np.empty((0, len(self.labels)), dtype=np.float32)
         texts = [as_text(item) for item in items]
@@ -295,6 +339,7 @@ class Tagger:
     ) -> list[list[str]]:
         """Tags per row, best first: scores at or over the per-tag threshold (or one `threshold` for all
         tags), at most `top_k` of them."""
+        check_predict_options({"top_k": top_k, "threshold": threshold})
         return decide(scores, self.labels, self.thresholds if threshold is None else np.float32(threshold), top_k)
 
     def predict(
@@ -303,7 +348,7 @@ class Tagger:
     ) -> list[dict[str, Any]]:
         """[{"tags": [...], "scores": {tag: probability}}] for strings (full text), Papers or
         {title, abstract} records."""
-        scores = self.scores(list(items), threshold=threshold)
+        scores = self.scores(items, threshold=threshold)
         tags = self.decide(scores, top_k=top_k, threshold=threshold)
         return [
             {"tags": t, "scores": dict(zip(self.labels, row))}

@@ -49,6 +49,10 @@ class TorchBackend(Backend):
             torch.set_num_threads(num_threads)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception as e:  # the tokenizers library's errors (a corrupt tokenizer.json) derive from Exception only
+            raise CheckpointError(f"{path}: cannot load the tokenizer: {type(e).__name__}: "
+                                  f"{(str(e).strip().splitlines() or [''])[0]}") from e
+        try:
             # Weights may be stored in fp16 (the published checkpoint); compute runs in fp32 plus autocast.
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32, output_loading_info=True

@@ -14,7 +14,8 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 
 from datasets import Dataset
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 # never leaves a `batch-N` that resume=auto would pick.
 _STATE = re.compile(r"batch-(\d+)")
 HISTORY_FILE = "history.json"
+# The settings a state's weights depend on, saved with it: a resume under other settings would mix two runs.
+SETTINGS_FILE = "settings.json"
+# Trainer keys that change how a run is watched, saved or resumed, not the weights it reaches.
+_NOT_SHAPING = ("resume", "log_every", "save_every", "keep_states", "num_workers", "eval_batch_size")
 # Head parameters (fresh classifier, and the CLS pooler that sentence-embedding models never trained)
 # get trainer.head_lr.
 HEAD_PARAMS = ("classifier.", "pooler.")
@@ -161,6 +166,40 @@ class FitResult:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def shaping_settings(t: DictConfig, phase: Phase, n_train: int, processes: int) -> dict[str, Any]:
+    """{key: value} of everything the weights of a state depend on besides the data's contents: the
+    trainer's settings, the phase, the seed (the one set_seed gave torch: the model's initialisation
+    and the sampler's shuffling follow it), the number of training papers and of processes (they set
+    what a batch is). JSON-shaped, as it is saved."""
+    trainer = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in _NOT_SHAPING}
+    settings = {"trainer": trainer, "phase": asdict(phase), "seed": torch.initial_seed(),
+                "training_papers": n_train, "processes": processes}
+    return json.loads(json.dumps(_flat(settings)))
+
+
+def check_resumable(state: Path, settings: Mapping[str, Any]) -> None:
+    """Refuse to continue from a state made with other settings, naming the keys that differ."""
+    if not (state / SETTINGS_FILE).is_file():
+        log.warning("%s: saved without its settings (an older version): cannot check that they match", state)
+        return
+    saved = json.loads((state / SETTINGS_FILE).read_text())
+    changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in changed)
+        raise ValueError(f"cannot resume from {state}: it was made with other settings: {shown}; resume with "
+                         "the settings it was made with, or train in a new run directory")
+
+
 def fit(
     t: DictConfig,
     accelerator: Accelerator,
@@ -211,7 +250,9 @@ def fit(
     # On resume, the history up to the state (steps, losses, epoch metrics, time) comes back with it, so
     # the result (metrics.json, loss.png) covers the whole run, not only the part after the kill.
     result = FitResult()
+    settings = shaping_settings(t, phase, len(train_data), accelerator.num_processes)
     if resume_from is not None:
+        check_resumable(resume_from, settings)
         accelerator.load_state(str(resume_from))
         done_batches = int(resume_from.name.split("-")[1])
         if (resume_from / HISTORY_FILE).is_file():
@@ -235,6 +276,7 @@ def fit(
             if mid_epoch:  # result.seconds is added up at epoch ends
                 history["seconds"] += time.perf_counter() - epoch_start
             (partial / HISTORY_FILE).write_text(json.dumps(history) + "\n")
+            (partial / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             final = state_root / f"batch-{done_batches}"

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -129,21 +129,31 @@ class WeakLabels:
         return _fit_votes(self.root, self.n_chunks, limit)
 
     def write(self, out_dir: str | Path) -> None:
+        """Each file whole or not at all (a reused run directory keeps its previous good files if the disk
+        fills), rejects first: a run whose corpus has none removes a previous run's rejects file."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "weak_labels.jsonl", "w", encoding="utf-8") as f:
-            for i in range(self.n_chunks):
-                for (pid, title), row in zip(self.index(i), _load_probs(self.root, i)):
-                    p = {tag: round(float(v), 6) for tag, v in zip(self.tag_ids, row)}
-                    tags = [tag for tag, v in p.items() if v >= self.threshold]
-                    f.write(json.dumps({"id": pid, "title": title, "tags": tags, "probs": p}) + "\n")
-        (out / "lf_report.json").write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
-        (out / "lf_report.md").write_text(to_markdown(self.report), encoding="utf-8")
         if self.skipped_rejects:
-            shutil.copyfile(self.root / REJECTS, out / REJECTS)
+            write_atomic(out / REJECTS, self._copy_rejects)
             rejected = self.report["corpus"]["rejected"]
             if rejected:
                 log.warning("%d bad records skipped, listed in %s", rejected, out / REJECTS)
+        else:
+            (out / REJECTS).unlink(missing_ok=True)
+        write_atomic(out / "weak_labels.jsonl", self._write_rows)
+        write_atomic(out / "lf_report.json", lambda f: f.write((json.dumps(self.report, indent=2) + "\n").encode()))
+        write_atomic(out / "lf_report.md", lambda f: f.write(to_markdown(self.report).encode()))
+
+    def _copy_rejects(self, f: IO[bytes]) -> None:
+        with open(self.root / REJECTS, "rb") as src:
+            shutil.copyfileobj(src, f)
+
+    def _write_rows(self, f: IO[bytes]) -> None:
+        for i in range(self.n_chunks):
+            for (pid, title), row in zip(self.index(i), _load_probs(self.root, i)):
+                p = {tag: round(float(v), 6) for tag, v in zip(self.tag_ids, row)}
+                tags = [tag for tag, v in p.items() if v >= self.threshold]
+                f.write((json.dumps({"id": pid, "title": title, "tags": tags, "probs": p}) + "\n").encode())
 
     @classmethod
     def load(cls, root: Path) -> WeakLabels | None:
