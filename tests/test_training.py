@@ -150,11 +150,12 @@ def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
     ("export.dtype=int8", "export.dtype"),
     ("trainer.hand_weight=0", "trainer.hand_weight"),
     ("trainer.clean_phase.epochs=-1", "trainer.clean_phase.epochs"),
-    ("trainer.clean_phase.epochs=2", "trainer.clean_phase.epochs"),  # without data.gold_train
+    (("trainer.clean_phase.epochs=2", "data.gold_train=null"), "trainer.clean_phase.epochs"),  # no hand labels
     ("trainer.clean_phase.lr=0", "trainer.clean_phase.lr"),
 ])
 def test_bad_config_values_name_the_key(root, taxonomy, override, key):
-    cfg = make_cfg(root, override.replace("+trainer.pos_weight", "trainer.pos_weight"))
+    overrides = override if isinstance(override, tuple) else (override.replace("+trainer.pos_weight", "trainer.pos_weight"),)
+    cfg = make_cfg(root, *overrides)
     with pytest.raises(ConfigError, match=rf"^{key}="):
         validate(cfg, taxonomy.ids)
 
