@@ -255,3 +255,13 @@ def test_13_predict_skip_run_survives_an_id_with_a_lone_surrogate(tiny_checkpoin
                          tmp_path / "out.jsonl", progress=False)
     assert stats.summary() == "read 2 = tagged 1 + rejected 1"
     assert [json.loads(r)["id"] for r in (tmp_path / "out.jsonl").read_text().splitlines()] == ["ok"]
+
+
+def test_13_json_record_repeating_a_used_key_is_rejected_at_its_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "title": "T one", "abstract": "Right text.", "abstract": "Wrong text."}\n'
+                    '{"id": "b", "title": "T two", "abstract": "Says \\"abstract\\": twice \\"abstract\\"",'
+                    ' "extra": {"abstract": 1}, "note": 1, "note": 2}\n')
+    bad, good = read_source(path)
+    assert (bad.line, bad.reason) == (1, "key(s) ['abstract'] given more than once")
+    assert good.id == "b" and good.abstract == 'Says "abstract": twice "abstract"'

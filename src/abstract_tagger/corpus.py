@@ -341,6 +341,7 @@ def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int | N
     bad byte rejects its own line and only `\\n` ends a line."""
     source = str(path)
     names = _field_names(fields)
+    quoted = [json.dumps(name).encode() for name in names.values()]
     with _open_binary(path) as f:
         for lineno, raw in enumerate(_Lines(source, f), start=1):
             if lineno == 1:
@@ -361,10 +362,26 @@ def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int | N
             if not isinstance(rec, dict):
                 yield Reject(source, lineno, f"expected a JSON object, got {type(rec).__name__}")
                 continue
+            # A key written twice keeps its last value silently. Counting the quoted key in the raw line
+            # (a quote inside a string is escaped) keeps the slower check to the rare lines that may.
+            if any(raw.count(key) > 1 for key in quoted):
+                repeated = _repeated_keys(raw.decode("utf-8"), names.values())
+                if repeated:
+                    yield Reject(source, lineno, f"key(s) {repeated} given more than once")
+                    continue
             yield _make_paper(
                 source, lineno, rec.get(names["id"]), rec.get(names["title"]), rec.get(names["abstract"]),
                 rec.get(names["categories"]), max_chars, id_prefix,
             )
+
+
+def _repeated_keys(text: str, used: Iterable[str]) -> list[str]:
+    """The keys of `used` that the JSON object `text` gives more than once (at its top level: the hook
+    sees nested objects first, the whole record last)."""
+    objects: list[list[str]] = []
+    json.loads(text, object_pairs_hook=lambda pairs: objects.append([k for k, _ in pairs]) or dict(pairs))
+    keys = objects[-1]
+    return sorted({k for k in used if keys.count(k) > 1})
 
 
 def _parse_categories(value: str) -> Any:
