@@ -134,8 +134,8 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     require(0 <= st.model_weight <= 1, "trainer.self_training.model_weight", "must be in [0, 1]", st.model_weight)
     _positive(cfg, "trainer.hand_weight")
     cp = t.clean_phase
-    require(isinstance(cp.epochs, int) and not isinstance(cp.epochs, bool) and cp.epochs >= 0,
-             "trainer.clean_phase.epochs", "must be an integer >= 0", cp.epochs)
+    require(_is_number(cp.epochs, integer=True) and cp.epochs >= 0, "trainer.clean_phase.epochs",
+            "must be an integer >= 0", cp.epochs)
     require(not cp.epochs or cfg.data.gold_train, "trainer.clean_phase.epochs",
              "a clean phase trains on hand labels: set data.gold_train", cp.epochs)
     _positive(cfg, "trainer.clean_phase.lr")
@@ -231,7 +231,8 @@ def _check_margin(margin: Any, precisions: tuple[str, ...]) -> None:
         margin)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """An OmegaConf node as plain Python (dicts, lists); anything else as it is."""
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
@@ -240,7 +241,7 @@ def validate_predict(cfg: DictConfig) -> None:
     from abstract_tagger.corpus import FORMATS
     from abstract_tagger.predict_files import parse_shard
 
-    check_predict_options({key: _plain(cfg[key]) for key in PREDICT_OPTIONS})
+    check_predict_options({key: plain(cfg[key]) for key in PREDICT_OPTIONS})
     _one_of(cfg, "format", (None, *FORMATS))
     for key in ("resume", "progress"):
         _one_of(cfg, key, (True, False))

@@ -212,22 +212,15 @@ class _Lines:
 
     def __init__(self, source: str, f: Iterable[Any]):
         self.source, self.f = source, f
-        self.line = 0  # the line of the piece yielded last
-        self._next = 1
+        self.next_line = 1  # the line the next piece starts on
 
     def __iter__(self) -> Iterator[Any]:
         try:
             for piece in self.f:
-                self.line = self._next
-                self._next += piece[-1:] in ("\n", b"\n")
+                self.next_line += piece[-1:] in ("\n", b"\n")
                 yield piece
         except _READ_ERRORS as e:
-            raise CorpusError(self.source, self._next, f"cannot read the file: {e}") from e
-
-    @property
-    def next_line(self) -> int:
-        """The line the next piece starts on."""
-        return self._next
+            raise CorpusError(self.source, self.next_line, f"cannot read the file: {e}") from e
 
 
 def detect_format(path: str | Path) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +261,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 METRICS = ("micro_f1", "macro_f1", "mean_f1")
-PREDICTIONS = ("weak", "model_flat", "model", "shipped")  # SetScores' fields
+PREDICTIONS = tuple(f.name for f in fields(SetScores))
 
 
 def check_optimized_metric(cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from abstract_tagger.config_checks import check_predict_options
+from abstract_tagger.config_checks import check_predict_options, plain
 from abstract_tagger.corpus import Paper, normalize_ws
 from abstract_tagger.rule_blend import RULES_FILE, RuleBlend
 
@@ -107,7 +107,7 @@ def predict_defaults() -> dict[str, Any]:
     conf = OmegaConf.load(_PREDICT_CONF)
     keys = ("backend", "precision", "batch_size", "recheck_margin", "num_threads", "chunk_size", "on_error",
             "max_chars")
-    return {k: OmegaConf.to_container(conf[k]) if OmegaConf.is_config(conf[k]) else conf[k] for k in keys}
+    return {k: plain(conf[k]) for k in keys}
 
 
 def _gpu_visible() -> bool:
