@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from abstract_tagger.config_checks import exit_on_error, register_resolvers, validate_label  # noqa: E402
+from abstract_tagger.common.config import exit_on_error, register_resolvers  # noqa: E402
+from abstract_tagger.labeling.checks import validate_label
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -20,9 +21,9 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="label")
 def main(cfg: DictConfig) -> None:
-    from abstract_tagger.labeling.weak_labels import build_weak_labels
+    from abstract_tagger.common.runtime import process_state
     from abstract_tagger.labeling.report import to_markdown
-    from abstract_tagger.runtime import process_state
+    from abstract_tagger.labeling.weak_labels import build_weak_labels
 
     with exit_on_error(log):
         validate_label(cfg)

@@ -13,14 +13,14 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from abstract_tagger.config_checks import exit_on_error  # noqa: E402
+from abstract_tagger.common.config import exit_on_error  # noqa: E402
 
 log = logging.getLogger("predict")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from abstract_tagger.predict_files import predict_from_config
+    from abstract_tagger.inference.files import predict_from_config
 
     with exit_on_error(log):
         predict_from_config(cfg)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from abstract_tagger.config_checks import exit_on_error  # noqa: E402
+from abstract_tagger.common.config import exit_on_error  # noqa: E402
 
 log = logging.getLogger("publish")
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from abstract_tagger.config_checks import exit_on_error, register_resolvers  # noqa: E402
+from abstract_tagger.common.config import exit_on_error, register_resolvers  # noqa: E402
 
 register_resolvers()
 log = logging.getLogger("train")
@@ -23,8 +23,8 @@ log = logging.getLogger("train")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from abstract_tagger.model import BackboneUnavailable
     from abstract_tagger.pipeline import optimized_metric, run
+    from abstract_tagger.training.backbone import BackboneUnavailable
 
     with exit_on_error(log, BackboneUnavailable):
         summary = run(cfg)

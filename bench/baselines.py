@@ -25,12 +25,13 @@ from scipy.sparse import vstack  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from abstract_tagger import thresholds as thr  # noqa: E402
-from abstract_tagger.config_checks import register_resolvers  # noqa: E402
-from abstract_tagger.corpus import read_gold_sets  # noqa: E402
+from abstract_tagger.common.config import register_resolvers  # noqa: E402
+from abstract_tagger.data.corpus import read_gold_sets  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
+from abstract_tagger.metrics import score  # noqa: E402
 from abstract_tagger.pipeline import load_model  # noqa: E402
-from abstract_tagger.training_data import training_data  # noqa: E402
+from abstract_tagger.training import thresholds as thr  # noqa: E402
+from abstract_tagger.training.data import training_data  # noqa: E402
 
 
 def tfidf_logreg(train_texts, train_probs, test_texts, c: float = 4.0) -> np.ndarray:
@@ -72,10 +73,10 @@ def main() -> None:
     for name, probs in (("weak labels", weak_probs), ("TF-IDF + logistic regression", baseline)):
         choice = thr.choose(probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
         cut = np.array([choice.thresholds[t] for t in tag_ids])
-        rows[name] = {"dev @0.5": thr.score(probs[dev_rows] >= 0.5, dev_gold, tag_ids),
+        rows[name] = {"dev @0.5": score(probs[dev_rows] >= 0.5, dev_gold, tag_ids),
                       "dev policy (k-fold)": choice.heldout}
         for test in split.of("test"):
-            rows[name][f"{test} policy"] = thr.score(probs[split.sets[test]] >= cut, split.labels[test], tag_ids)
+            rows[name][f"{test} policy"] = score(probs[split.sets[test]] >= cut, split.labels[test], tag_ids)
     rows = {name: {col: (s.micro_f1, s.macro_f1) for col, s in cols.items()} for name, cols in rows.items()}
     if args.run_dir:
         scores = json.loads((args.run_dir / "metrics.json").read_text())["scores"]

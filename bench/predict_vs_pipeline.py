@@ -35,7 +35,7 @@ CHUNK = 1024  # predict.py's default chunk_size
 
 def corpus_texts() -> tuple[list[dict], list[dict]]:
     """(seed papers, default corpus papers) as {id, title, abstract} records."""
-    from abstract_tagger.corpus import Paper, read_source
+    from abstract_tagger.data.corpus import Paper, read_source
 
     def records(items):
         return [{"id": p.id, "title": p.title, "abstract": p.abstract} for p in items if isinstance(p, Paper)]
@@ -101,7 +101,8 @@ def same_tags(a: list[list[str]], b: list[list[str]]) -> float:
 
 def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) -> dict:
     from abstract_tagger import Tagger
-    from abstract_tagger.tagger import as_paper, as_text, logit
+    from abstract_tagger.inference.backends.base import logit
+    from abstract_tagger.inference.tagger import as_paper, as_text
 
     tagger = Tagger.from_pretrained(checkpoint, backend=backend)
     no_recheck = Tagger.from_pretrained(checkpoint, backend=backend, recheck_margin=0)
@@ -201,7 +202,7 @@ def whole_process(checkpoint: Path, files: dict[str, Path], backend: str) -> dic
 
 def pipeline_worker(path: Path, checkpoint: Path) -> None:
     """The pipeline peer of `predict.py`: read JSON lines, tag, write JSON lines."""
-    from abstract_tagger.tagger import as_text
+    from abstract_tagger.inference.tagger import as_text
 
     pipe = make_pipeline(checkpoint)
     thresholds = json.loads((checkpoint / "thresholds.json").read_text())

@@ -39,8 +39,8 @@ def default_papers() -> list[dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from abstract_tagger.corpus import read_corpus, read_gold_sets
-    from abstract_tagger.taxonomy import Taxonomy
+    from abstract_tagger.data.corpus import read_corpus, read_gold_sets
+    from abstract_tagger.data.taxonomy import Taxonomy
 
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

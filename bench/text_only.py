@@ -26,12 +26,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from abstract_tagger import Tagger  # noqa: E402
-from abstract_tagger.config_checks import register_resolvers  # noqa: E402
-from abstract_tagger.corpus import read_gold_sets  # noqa: E402
+from abstract_tagger.common.config import register_resolvers  # noqa: E402
+from abstract_tagger.data.corpus import read_gold_sets  # noqa: E402
 from abstract_tagger.labeling.functions import ABSTAIN  # noqa: E402
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
-from abstract_tagger.thresholds import score  # noqa: E402
+from abstract_tagger.metrics import score  # noqa: E402
 
 
 def main() -> None:

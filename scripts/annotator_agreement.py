@@ -12,9 +12,9 @@ import argparse
 import numpy as np
 import yaml
 
-from abstract_tagger.corpus import read_gold
-from abstract_tagger.taxonomy import Taxonomy
-from abstract_tagger.thresholds import score
+from abstract_tagger.data.corpus import read_gold
+from abstract_tagger.data.taxonomy import Taxonomy
+from abstract_tagger.metrics import score
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def root() -> Path:
 def taxonomy():
     from omegaconf import OmegaConf
 
-    from abstract_tagger.taxonomy import Taxonomy
+    from abstract_tagger.data.taxonomy import Taxonomy
 
     return Taxonomy.from_config(OmegaConf.load(ROOT / "conf/taxonomy/default.yaml"))
 
@@ -46,7 +46,7 @@ def tiny_onnx_checkpoint(tmp_path_factory, tiny_checkpoint) -> Path:
     """The tiny checkpoint with its ONNX graphs (fp32 weights: shared with the safetensors as they are)."""
     import shutil
 
-    from abstract_tagger.onnx_export import export_onnx
+    from abstract_tagger.checkpoint.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("tiny-onnx-checkpoint") / "checkpoint"
     export_onnx(shutil.copytree(tiny_checkpoint, path))

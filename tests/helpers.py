@@ -148,7 +148,7 @@ def make_cfg(root, *overrides):
     """The training config on the tiny model, without tracking or mixed precision."""
     from hydra import compose, initialize_config_dir
 
-    from abstract_tagger.config_checks import register_resolvers
+    from abstract_tagger.common.config import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(root / "conf"), version_base="1.3"):
@@ -163,7 +163,7 @@ def synthetic_targets(papers, taxonomy):
 
 @dataclass
 class Fitted:
-    backbone: Any  # abstract_tagger.model.Backbone
+    backbone: Any  # abstract_tagger.training.backbone.Backbone
     losses: list
     epoch_metrics: list
     steps: list
@@ -194,7 +194,7 @@ def minilm_tokenizer():
 
 def labelled_dataset(papers, probs, tokenizer, max_length):
     """Tokenised papers with soft targets, as training reads them."""
-    from abstract_tagger.training_data import papers_dataset
+    from abstract_tagger.training.data import papers_dataset
 
     return papers_dataset(papers, tokenizer, max_length, probs)
 
@@ -203,7 +203,8 @@ def fit(cfg, papers, taxonomy, run_dir):
     """What pipeline.run does around the loop: seed, backbone (with the fallback's settings), prepare."""
     from accelerate.utils import set_seed
 
-    from abstract_tagger import pipeline, training
+    from abstract_tagger import pipeline
+    from abstract_tagger.training import loop as training
 
     probs = synthetic_targets(papers, taxonomy)
     set_seed(cfg.seed)
@@ -229,7 +230,7 @@ def run_publish(*overrides: str) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from abstract_tagger.config_checks import exit_on_error
+    from abstract_tagger.common.config import exit_on_error
     from abstract_tagger.publish import publish_from_config
 
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):

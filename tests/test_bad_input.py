@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import label_cfg, write_corpus, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import label_cfg, write_corpus, write_jsonl
 
-from abstract_tagger.corpus import CorpusError, CorpusStats, Reject, read_corpus, read_source
+from abstract_tagger.data.corpus import CorpusError, CorpusStats, Reject, read_corpus, read_source
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
@@ -247,7 +247,7 @@ def test_13_id_with_a_lone_surrogate_is_rejected_at_its_line_under_skip(tmp_path
 
 def test_13_predict_skip_run_survives_an_id_with_a_lone_surrogate(tiny_checkpoint, tmp_path):
     from abstract_tagger import Tagger
-    from abstract_tagger.predict_files import predict_file
+    from abstract_tagger.inference.files import predict_file
 
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": "\ud800", "title": "Bad id", "abstract": "Abstract one."},
                                               {"id": "ok", "title": "Good id", "abstract": "Abstract two."}])

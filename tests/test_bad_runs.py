@@ -18,18 +18,31 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from helpers import (
+    Killed,
+    fit,
+    labelled_dataset,
+    make_cfg,
+    minilm_tokenizer,
+    records,
+    run_publish,
+    synthetic_targets,
+    weights,
+    write_jsonl,
+)
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from helpers import Killed, fit, labelled_dataset, make_cfg, minilm_tokenizer, records, run_publish, synthetic_targets, weights, write_jsonl
 
-from abstract_tagger import Tagger, pipeline, training
-from abstract_tagger.checkpoint import export_checkpoint
-from abstract_tagger.config_checks import ConfigError, validate, validate_predict
-from abstract_tagger.corpus import CorpusError, read_seed_dump
-from abstract_tagger.predict_files import OutputFiles, predict_file
-from abstract_tagger.tagger import CheckpointError
-from abstract_tagger.training_data import Split, TrainingData
+from abstract_tagger import Tagger, pipeline
+from abstract_tagger.checkpoint.export import export_checkpoint
+from abstract_tagger.checkpoint.format import CheckpointError, save_rules
+from abstract_tagger.common.config import ConfigError
+from abstract_tagger.data.corpus import CorpusError, read_seed_dump
+from abstract_tagger.inference.files import OutputFiles, predict_file, validate_predict
+from abstract_tagger.training import loop as training
+from abstract_tagger.training.checks import validate
+from abstract_tagger.training.data import Split, TrainingData
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
@@ -116,8 +129,8 @@ def test_4_resume_refuses_a_replaced_input_or_another_checkpoint(tagger, tiny_ch
 
 
 def test_4_checkpoint_fingerprint_covers_the_rule_blend(tagger, taxonomy, monkeypatch):
-    from abstract_tagger.predict_files import _weights_digest
-    from abstract_tagger.rule_blend import RuleBlend, rule_functions
+    from abstract_tagger.inference.files import _weights_digest
+    from abstract_tagger.labeling.rule_blend import RuleBlend, rule_functions
 
     before = _weights_digest(tagger)
     table = np.full((3 ** len(rule_functions(taxonomy, 1).names), len(taxonomy)), 0.5, dtype=np.float32)
@@ -365,7 +378,7 @@ def test_13_resume_of_a_damaged_partial_output_redoes_the_damaged_chunks(tagger,
 
 def test_14_second_run_on_the_same_output_is_refused_at_start(tagger, tmp_path, monkeypatch):
     """shard=0/2 and shard=1/2 started together with one output=: the second refuses before writing."""
-    from abstract_tagger.writing import OutputBusy
+    from abstract_tagger.common.files import OutputBusy
 
     src, out = write_jsonl(tmp_path / "in.jsonl", records(8)), tmp_path / "out.jsonl"
     predict_file(tagger, src, tmp_path / "alone.jsonl", chunk_size=2, shard=(0, 2), progress=False)
@@ -435,12 +448,12 @@ def short_position_table(path):
 
 def rules_table(value):
     def damage(path):
-        from abstract_tagger.rule_blend import RuleBlend, rule_functions
-        from abstract_tagger.taxonomy import Taxonomy
+        from abstract_tagger.data.taxonomy import Taxonomy
+        from abstract_tagger.labeling.rule_blend import RuleBlend, rule_functions
 
         taxonomy = Taxonomy.from_config(OmegaConf.load(Path(os.environ["PROJECT_ROOT"]) / "conf/taxonomy/default.yaml"))
         table = np.full((3 ** len(rule_functions(taxonomy, 1).names), len(taxonomy)), value, dtype=np.float32)
-        RuleBlend(taxonomy, 1, table, 0.5).save(path)
+        save_rules(RuleBlend(taxonomy, 1, table, 0.5), path)
     return damage
 
 
@@ -498,7 +511,7 @@ def test_17_publish_onto_the_runs_own_checkpoint_is_refused(published):
 
 def test_17_kill_between_the_renames_never_leaves_the_previous_rejects_beside_the_new_output(tagger, tmp_path,
                                                                                            monkeypatch):
-    from abstract_tagger import predict_files
+    from abstract_tagger.inference import files as predict_files
 
     out, files = tmp_path / "out.jsonl", OutputFiles(tmp_path / "out.jsonl")
     predict_file(tagger, write_jsonl(tmp_path / "old.jsonl", records(2) + [{"id": "old-bad"}]), out, progress=False)

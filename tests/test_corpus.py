@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from abstract_tagger.corpus import (
+from abstract_tagger.data.corpus import (
     CorpusError,
     CorpusStats,
     Paper,
@@ -276,7 +276,7 @@ def test_skip_without_rejects_file_logs_each_reject(tmp_path, caplog):
     path = tmp_path / "p.jsonl"
     path.write_bytes(jsonl(paper(1), [1]))
     stats = CorpusStats()
-    with caplog.at_level(logging.WARNING, logger="abstract_tagger.corpus"):
+    with caplog.at_level(logging.WARNING, logger="abstract_tagger.data.corpus"):
         assert len(list(read_corpus({"p": {"path": path}}, on_error="skip", stats=stats))) == 1
     assert stats.rejected == 1 and f"{path}:2: expected a JSON object" in caplog.text
 

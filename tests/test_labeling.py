@@ -7,14 +7,20 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from abstract_tagger.corpus import Paper
-from abstract_tagger.labeling.weak_labels import cache_key
+from abstract_tagger.data.corpus import Paper
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, text_key
 from abstract_tagger.labeling.functions import (
-    ABSTAIN, NEGATIVE, POSITIVE, ArxivFunction, EmbeddingFunction, KeywordFunctions, build_functions,
+    ABSTAIN,
+    NEGATIVE,
+    POSITIVE,
+    ArxivFunction,
+    EmbeddingFunction,
+    KeywordFunctions,
+    build_functions,
 )
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
-from abstract_tagger.thresholds import score
+from abstract_tagger.labeling.weak_labels import cache_key
+from abstract_tagger.metrics import score
 
 
 def paper(title: str, abstract: str = "We report experiments.", categories: tuple[str, ...] = ()) -> Paper:
@@ -152,7 +158,8 @@ def test_learned_label_model_falls_back_to_majority_with_two_functions(labeling_
 def test_an_unknown_label_model_is_refused_at_start_up(root):
     from hydra import compose, initialize_config_dir
 
-    from abstract_tagger.config_checks import ConfigError, validate_label
+    from abstract_tagger.common.config import ConfigError
+    from abstract_tagger.labeling.checks import validate_label
 
     with initialize_config_dir(str(root / "conf"), version_base="1.3"):
         cfg = compose("label", overrides=["labeling.model=oracle"])

@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from abstract_tagger.losses import BCE, AsymmetricLoss
+from abstract_tagger.training.losses import BCE, AsymmetricLoss
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ import sys
 import numpy as np
 import pytest
 from accelerate.utils import set_seed
+from helpers import BACKENDS, SPEECH, TRAIN, minilm_tokenizer, weak_labels_on_disk
 from hydra import compose, initialize_config_dir
 
 from abstract_tagger import Tagger, pipeline
-from abstract_tagger.config_checks import register_resolvers
-from abstract_tagger.corpus import CorpusError, GoldSet, Paper, read_seed_dump
+from abstract_tagger.checkpoint.format import RULES_FILE, CheckpointError, save_rules
+from abstract_tagger.common.config import register_resolvers
+from abstract_tagger.data.corpus import CorpusError, GoldSet, Paper, read_seed_dump
 from abstract_tagger.labeling.label_model import MajorityVote
-from abstract_tagger.tagger import CheckpointError
-from abstract_tagger.rule_blend import RULES_FILE, RuleBlend, all_vote_patterns, rule_functions
-from abstract_tagger.training_data import papers_dataset, training_data
-from helpers import BACKENDS, SPEECH, TRAIN, minilm_tokenizer, weak_labels_on_disk
+from abstract_tagger.labeling.rule_blend import RuleBlend, all_vote_patterns, rule_functions
+from abstract_tagger.training.data import papers_dataset, training_data
 
 
 def make_cfg(root, *overrides):
@@ -140,7 +140,7 @@ def test_rule_table_covers_every_vote_pattern(taxonomy):
 def blended_checkpoint(tiny_onnx_checkpoint, taxonomy, tmp_path):
     path = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "blended")
     votes = rule_functions(taxonomy, 2)([Paper("x", "x", "x")])
-    RuleBlend.fit(taxonomy, 2, votes, MajorityVote(), weight=0.4).save(path)
+    save_rules(RuleBlend.fit(taxonomy, 2, votes, MajorityVote(), weight=0.4), path)
     return path
 
 
@@ -194,7 +194,7 @@ def test_the_tests_never_cache_into_the_checkout(root):
 def test_papers_are_tokenised_a_thousand_at_a_time():
     """A fast tokenizer holds each text's truncated-off tokens until the call returns: one call on the
     20,000-paper review pool took 800 MB."""
-    from abstract_tagger.training_data import encode
+    from abstract_tagger.training.data import encode
 
     tokenizer, calls = minilm_tokenizer(), []
 
@@ -251,7 +251,7 @@ def test_clean_phase_trains_on_hand_labels_alone_and_moves_towards_them(root, pa
 def test_hand_weight_counts_hand_labelled_papers_more():
     import torch
 
-    from abstract_tagger.training import _weighted_mean
+    from abstract_tagger.training.loop import _weighted_mean
 
     losses = torch.tensor([[1.0, 1.0], [3.0, 5.0]])  # per-paper means 1 and 4
     hand = torch.tensor([False, True])
@@ -269,7 +269,7 @@ def test_hand_weight_counts_hand_labelled_papers_more():
 def test_clean_training_file_is_checked_line_by_line(root, papers, taxonomy, tmp_path, row, error):
     """data.gold_train: ids and titles must match corpus papers, tags the taxonomy, and no paper may be a
     dev or test paper; each fault names the file and line."""
-    from abstract_tagger.corpus import read_gold
+    from abstract_tagger.data.corpus import read_gold
 
     cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}")
     paper = papers[row.pop("paper", 6)]

@@ -11,9 +11,9 @@ import pytest
 from helpers import BACKENDS, TRAIN, Killed, records, write_jsonl
 
 from abstract_tagger import Tagger
-from abstract_tagger.config_checks import ConfigError, validate_predict
-from abstract_tagger.corpus import CorpusError
-from abstract_tagger.predict_files import OutputFiles, merge_parts, predict_file
+from abstract_tagger.common.config import ConfigError
+from abstract_tagger.data.corpus import CorpusError
+from abstract_tagger.inference.files import OutputFiles, merge_parts, predict_file, validate_predict
 
 EXPECTED = [tag for _, tag in TRAIN]
 

@@ -8,13 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from helpers import TRAIN, run_publish
 from onnx import numpy_helper
 from safetensors import safe_open
-from helpers import TRAIN, run_publish
 
 from abstract_tagger import Tagger
-from abstract_tagger.onnx_export import export_onnx
-
+from abstract_tagger.checkpoint.onnx_export import export_onnx
 
 HEADER = {"license": "apache-2.0", "base_model": "org/backbone", "model-index": [{"name": "abstract-tagger", "results": []}]}
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from abstract_tagger import runtime
+from abstract_tagger.common import runtime
 
 
 @pytest.fixture

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import BACKENDS, SPEECH, TRAIN
 
 from abstract_tagger import Tagger
-from abstract_tagger.corpus import Paper
-from abstract_tagger.tagger import CheckpointError, check_checkpoint, choose_backend, logit, sigmoid
-
-from helpers import BACKENDS, SPEECH, TRAIN
+from abstract_tagger.checkpoint.format import CheckpointError, check_checkpoint, save_rules
+from abstract_tagger.data.corpus import Paper
+from abstract_tagger.inference.backends.base import logit, sigmoid
+from abstract_tagger.inference.options import choose_backend
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "checkpoints/abstract-tagger-minilm"
 
@@ -97,9 +98,9 @@ def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onn
     """With a rule blend, a tag flips where the model's score crosses (cut - w * rules) / (1 - w): the
     papers rescored exactly are those near that, not those whose blended score is near the cut (which
     rescored 61% of papers, mostly for their rule scores)."""
+    from abstract_tagger.inference.tagger import as_paper
     from abstract_tagger.labeling.label_model import MajorityVote
-    from abstract_tagger.tagger import as_paper
-    from abstract_tagger.rule_blend import RuleBlend, rule_functions
+    from abstract_tagger.labeling.rule_blend import RuleBlend, rule_functions
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
     tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8")
@@ -135,14 +136,14 @@ def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):
 
 
 def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
-    from abstract_tagger import tagger as tagger_module
+    from abstract_tagger.inference import options
 
-    monkeypatch.setattr(tagger_module, "_gpu_visible", lambda: False)
+    monkeypatch.setattr(options, "_gpu_visible", lambda: False)
     assert choose_backend("auto", tiny_onnx_checkpoint) == "onnx"
     assert choose_backend("auto", tiny_checkpoint) == "torch"  # no ONNX graphs: torch, as before publishing
     assert choose_backend("auto", tiny_onnx_checkpoint, device="cuda") == "torch"
     assert choose_backend("torch", tiny_onnx_checkpoint) == "torch"
-    monkeypatch.setattr(tagger_module, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(options, "_gpu_visible", lambda: True)
     assert choose_backend("auto", tiny_onnx_checkpoint) == "torch"
     assert choose_backend("onnx", tiny_onnx_checkpoint) == "onnx"
     with pytest.raises(CheckpointError, match="no model.onnx"):
@@ -154,7 +155,7 @@ def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
 
 
 def test_onnx_threads_default_to_physical_cores(tiny_onnx_checkpoint):
-    from abstract_tagger.onnx_backend import physical_cores
+    from abstract_tagger.inference.backends.onnx_backend import physical_cores
 
     assert Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx").backend.num_threads == physical_cores() >= 1
     one = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", num_threads=1).backend
@@ -165,11 +166,11 @@ def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy
     """predict.py and the Tagger API on the ONNX backend, rule blend included: no torch, transformers or
     sklearn loaded."""
     from abstract_tagger.labeling.label_model import MajorityVote
-    from abstract_tagger.rule_blend import RuleBlend, rule_functions
+    from abstract_tagger.labeling.rule_blend import RuleBlend, rule_functions
 
     tiny_onnx_checkpoint = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "blended")
     votes = rule_functions(taxonomy, 2)([Paper("x", "x", "x")])
-    RuleBlend.fit(taxonomy, 2, votes, MajorityVote(), weight=0.4).save(tiny_onnx_checkpoint)
+    save_rules(RuleBlend.fit(taxonomy, 2, votes, MajorityVote(), weight=0.4), tiny_onnx_checkpoint)
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "title": SPEECH[0], "abstract": SPEECH[1]}) + "\n")
     script = f"""
 import runpy, sys
@@ -244,8 +245,8 @@ def test_published_checkpoint_reproduces_its_test_score(root, taxonomy, tmp_path
     """predict.py on the recent test papers gives the model card's model-index score for test/recent."""
     import gzip
 
-    from abstract_tagger.corpus import read_gold
-    from abstract_tagger.thresholds import score
+    from abstract_tagger.data.corpus import read_gold
+    from abstract_tagger.metrics import score
 
     gold = read_gold(root / "data/gold_recent_test.jsonl", taxonomy.ids)
     src = tmp_path / "test.jsonl"
@@ -270,7 +271,7 @@ def test_onnx_export_keeps_onnxruntime_info_out_of_the_logs(tiny_checkpoint, tmp
     import logging
     import shutil
 
-    from abstract_tagger.onnx_export import export_onnx
+    from abstract_tagger.checkpoint.onnx_export import export_onnx
 
     with caplog.at_level(logging.INFO):
         export_onnx(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))

@@ -110,7 +110,7 @@ def test_optuna_search_space_names_existing_settings_and_a_dev_metric(root):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from abstract_tagger.config_checks import register_resolvers
+    from abstract_tagger.common.config import register_resolvers
     from abstract_tagger.pipeline import check_optimized_metric
 
     register_resolvers()
@@ -125,7 +125,7 @@ def test_optuna_search_space_names_existing_settings_and_a_dev_metric(root):
 
 @pytest.mark.slow
 def test_optuna_sweep_runs_two_trials_and_reports_the_best(root, tmp_path):
-    from abstract_tagger.corpus import read_seed_dump
+    from abstract_tagger.data.corpus import read_seed_dump
 
     # Hand labels for seed papers outside gold_dev, so the search's clean-phase trials have some.
     dev_ids = {json.loads(line)["id"] for line in (root / "data/gold_dev.jsonl").open()}

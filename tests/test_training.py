@@ -13,10 +13,13 @@ from helpers import fit, make_cfg, weights
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from abstract_tagger import Tagger, pipeline
-from abstract_tagger.checkpoint import export_checkpoint, load_thresholds
-from abstract_tagger.config_checks import ConfigError, validate
-from abstract_tagger.corpus import read_seed_dump
-from abstract_tagger.model import BUNDLED_MINILM, BackboneUnavailable, load_backbone, resolve_path
+from abstract_tagger.checkpoint.export import export_checkpoint
+from abstract_tagger.checkpoint.format import load_thresholds
+from abstract_tagger.common.bundled import BUNDLED_MINILM, resolve_path
+from abstract_tagger.common.config import ConfigError
+from abstract_tagger.data.corpus import read_seed_dump
+from abstract_tagger.training.backbone import BackboneUnavailable, load_backbone
+from abstract_tagger.training.checks import validate
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +37,14 @@ def test_loss_falls_and_export_loads(root, papers, taxonomy, tmp_path):
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["batch-25", "batch-30"]  # keep_states=2
 
     thresholds = {t: 0.3 for t in taxonomy.ids}
-    out = export_checkpoint(result.backbone.model, result.backbone.tokenizer, tmp_path / "checkpoint",
-                            thresholds=thresholds, taxonomy=taxonomy, max_length=64, dtype="float16", card="# card\n")
+    out = export_checkpoint(result.backbone.model.half(), result.backbone.tokenizer, tmp_path / "checkpoint",
+                            thresholds=thresholds, taxonomy=taxonomy, max_length=64, card="# card\n")
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.problem_type == "multi_label_classification"
     assert [model.config.id2label[i] for i in range(18)] == taxonomy.ids
     assert next(model.parameters()).dtype == torch.float16
     assert AutoTokenizer.from_pretrained(out).model_max_length == 64
-    assert load_thresholds(out) == thresholds
+    assert load_thresholds(out, taxonomy.ids) == thresholds
     texts = ["Speech recognition for children.", "Policy optimization with rewards in Markov decision processes."]
     on_torch, on_onnx = (Tagger.from_pretrained(out, backend=b, precision="fp32") for b in ("torch", "onnx"))
     np.testing.assert_allclose(on_onnx.scores(texts), on_torch.scores(texts), atol=1e-5)
@@ -92,9 +95,9 @@ def tiny_model_dir(tmp_path_factory, taxonomy):
 def test_fallback_warns_and_trains(root, papers, taxonomy, tiny_model_dir, tmp_path, caplog):
     cfg = make_cfg(root, "model=scibert", f"model.name_or_path={tmp_path}/no-such-model",
                    f"model.fallback={tiny_model_dir}", "model.max_length=32", "trainer.epochs=1")
-    with caplog.at_level(logging.WARNING, logger="abstract_tagger.model"):
+    with caplog.at_level(logging.WARNING, logger="abstract_tagger.training.backbone"):
         result = fit(cfg, papers, taxonomy, tmp_path / "run")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "abstract_tagger.model"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "abstract_tagger.training.backbone"]
     assert len(warnings) == 1 and "falling back" in warnings[0] and str(tiny_model_dir) in warnings[0]
     assert result.backbone.fell_back and result.backbone.source == str(tiny_model_dir)
     assert result.backbone.model.config.num_labels == 18
@@ -170,8 +173,9 @@ def test_shipped_configs_are_valid(root, taxonomy, overrides):
 def test_review_ranks_biggest_disagreements_first(tmp_path, papers):
     weak = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.1]], dtype=np.float32)
     model = np.array([[0.9, 0.1], [0.1, 0.9], [0.4, 0.1]], dtype=np.float32)
-    pipeline.write_review(tmp_path / "review.jsonl", papers[:3], model, weak, np.array([0.5, 0.5]), 0.5,
-                          ["a", "b"], {papers[1].id: ["b"]}, size=10)
+    pool = pipeline.Pool(papers[:3], weak=weak, model=model, shipped=model)
+    pipeline.write_review(tmp_path / "review.jsonl", pool, np.array([0.5, 0.5]), 0.5, ["a", "b"],
+                          {papers[1].id: ["b"]}, size=10)
     rows = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [papers[1].id, papers[2].id]  # paper 0 agrees: not listed
     assert rows[0]["model_tags"] == ["b"] and rows[0]["weak_tags"] == ["a"] and rows[0]["gold_tags"] == ["b"]
@@ -183,7 +187,7 @@ def test_progress_in_a_log_file_is_one_line_per_refresh(monkeypatch):
     Training and predict.py share the bar."""
     import io
 
-    from abstract_tagger.progress import progress_bar
+    from abstract_tagger.common.progress import progress_bar
 
     log = io.StringIO()
     monkeypatch.setattr("sys.stderr", log)
@@ -196,14 +200,3 @@ def test_progress_in_a_log_file_is_one_line_per_refresh(monkeypatch):
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) >= 3
     assert lines[-1].startswith("100%") and "30/30" in lines[-1]
-
-
-def test_model_card_names_a_hub_base_model_and_says_when_there_is_no_self_training():
-    from abstract_tagger.checkpoint import _hub_id, _self_training
-    from abstract_tagger.model import BUNDLED_MINILM, describe
-
-    assert _hub_id(describe(BUNDLED_MINILM)) == "sentence-transformers/all-MiniLM-L6-v2"
-    assert _hub_id("allenai/scibert_scivocab_uncased") == "allenai/scibert_scivocab_uncased"
-    assert _self_training({"self_training_rounds": 0}) == " (no self-training rounds)"
-    assert "1 self-training round(s) of 2 epoch(s) on 0.7 x weak labels + 0.3 x" in _self_training(
-        {"self_training_rounds": 1, "self_training_epochs": 2, "self_training_model_weight": 0.3})

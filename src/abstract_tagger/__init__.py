@@ -5,9 +5,9 @@ __all__ = ["Tagger"]
 
 
 def __getattr__(name: str):
-    # Lazy, so `import abstract_tagger.corpus` does not pay for torch and transformers.
+    # Lazy, so `import abstract_tagger.data.corpus` does not pay for torch and transformers.
     if name == "Tagger":
-        from abstract_tagger.tagger import Tagger
+        from abstract_tagger.inference.tagger import Tagger
 
         return Tagger
     raise AttributeError(name)

@@ -13,27 +13,30 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from abstract_tagger import thresholds as thr
-from abstract_tagger import tracking
-from abstract_tagger.checkpoint import export_checkpoint, model_card
-from abstract_tagger.config_checks import require, validate
-from abstract_tagger.corpus import Paper, read_gold, read_gold_sets
-from abstract_tagger.labeling.label_model import LearnedLabelModel
-from abstract_tagger.model import Backbone, load_backbone
-from abstract_tagger.rule_blend import RuleBlend, choose_weight, rule_functions
-from abstract_tagger.taxonomy import Taxonomy
-from abstract_tagger.training import FitResult, Phase, _loader, fit, make_accelerator, predict_probs
-from abstract_tagger.training_data import Split, TrainingData, papers_dataset, training_data
+from abstract_tagger.checkpoint.card import CardFacts, model_card
+from abstract_tagger.checkpoint.export import export_checkpoint
+from abstract_tagger.common.config import require
+from abstract_tagger.data.corpus import Paper, read_gold, read_gold_sets
+from abstract_tagger.data.taxonomy import Taxonomy
+from abstract_tagger.labeling.rule_blend import RuleBlend
+from abstract_tagger.labeling.weak_labels import WeakLabels, build_weak_labels
+from abstract_tagger.training import tracking
+from abstract_tagger.training.backbone import Backbone, load_backbone
+from abstract_tagger.training.checks import validate
+from abstract_tagger.training.data import TrainingData, papers_dataset, training_data
+from abstract_tagger.training.evaluation import Evaluation, SetScores, evaluate_run, fit_blend
+from abstract_tagger.training.loop import FitResult, Phase, _loader, fit, make_accelerator, predict_probs
 
 log = logging.getLogger(__name__)
 
@@ -104,100 +107,6 @@ def model_probs(cfg: DictConfig, accelerator: Accelerator, model, tokenizer, dat
     return predict_probs(accelerator, model, loader)
 
 
-# --- evaluation -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SetScores:
-    """Scores of one gold set. Dev sets: `model` and `shipped` are k-fold held-out (each paper scored
-    with choices made on the other folds). Test sets: everything chosen on dev, applied as is."""
-
-    weak: thr.Scores            # weak labels (label model over all functions) at 0.5
-    model_flat: thr.Scores      # model alone at 0.5
-    model: thr.Scores           # model alone, thresholds by the policy
-    shipped: thr.Scores         # what predict.py does: model (+ rule blend) with the shipped thresholds
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k).to_dict() for k in ("weak", "model_flat", "model", "shipped")}
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    sets: dict[str, SetScores]
-    dev_in_sample: thr.Scores   # the shipped thresholds on the dev papers they were chosen on
-    threshold_policy: str
-    policy_candidates: dict[str, float]  # policy -> k-fold held-out mean F1 on dev
-    blend_weight: float
-    blend_candidates: dict[float, float]  # weight -> k-fold held-out mean F1 on dev
-    thresholds: dict[str, float]
-
-
-def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, data: TrainingData, pool: Sequence[Paper],
-              pool_probs: np.ndarray) -> tuple[RuleBlend | None, dict[float, float], np.ndarray]:
-    """The rule blend (None where `rule_blend.weights` is [0]), every candidate weight's k-fold dev
-    score, and the probabilities it ships for every paper of `pool` (the held-out papers, then the first
-    training papers). Its label model is fitted on the rule votes of the first `labeling.fit_max_records`
-    training papers; the rule functions vote once on each paper."""
-    if list(cfg.rule_blend.weights) == [0.0]:
-        return None, {0.0: 0.0}, pool_probs
-    min_hits = cfg.labeling.keywords.min_abstract_hits
-    rules = rule_functions(taxonomy, min_hits)
-    n_review = len(pool) - len(data.held_out)
-    n_fit = min(cfg.labeling.fit_max_records, len(data.train))
-    train_votes = np.concatenate([rules(papers) for papers, _ in data.train_papers(max(n_fit, n_review))])
-    blend = RuleBlend.fit(taxonomy, min_hits, train_votes[:n_fit], LearnedLabelModel(cfg.labeling.label_model))
-    rule_probs = blend.probs_from_votes(np.concatenate([rules(data.held_out), train_votes[:n_review]]))
-    dev_rows = data.split.rows("dev")
-    weights = choose_weight(pool_probs[dev_rows], rule_probs[dev_rows], data.split.gold("dev"), taxonomy.ids,
-                            cfg.rule_blend.weights, OmegaConf.to_container(cfg.thresholds, resolve=True), cfg.seed)
-    blend.weight = max(weights, key=lambda w: (round(weights[w], 6), -w))  # the lowest weight among equals
-    return blend, weights, blend.mix(pool_probs, rule_probs)
-
-
-def evaluate_run(cfg: DictConfig, split: Split, model_probs: np.ndarray, shipped_probs: np.ndarray,
-                 weak_probs: np.ndarray, blend_weight: float, blend_candidates: dict[float, float],
-                 tag_ids: list[str]) -> Evaluation:
-    """Choose the thresholds on dev for the model alone and for what ships; score every gold set."""
-    tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
-    dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
-    model_choice = thr.choose(model_probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
-    shipped_choice = thr.choose(shipped_probs[dev_rows], dev_gold, tag_ids, tcfg, cfg.seed)
-    model_cut = np.array([model_choice.thresholds[t] for t in tag_ids])
-    shipped_cut = np.array([shipped_choice.thresholds[t] for t in tag_ids])
-
-    sets: dict[str, SetScores] = {}
-    offset = 0
-    for name in [*split.of("dev"), *split.of("test")]:
-        rows, gold = split.sets[name], split.labels[name]
-        if name.startswith("dev/"):
-            # Slices of the k-fold held-out predictions over all dev papers.
-            part = slice(offset, offset + len(rows))
-            offset += len(rows)
-            model_pred, shipped_pred = model_choice.heldout_pred[part], shipped_choice.heldout_pred[part]
-        else:
-            model_pred, shipped_pred = model_probs[rows] >= model_cut, shipped_probs[rows] >= shipped_cut
-        sets[name] = SetScores(
-            weak=thr.score(weak_probs[rows] >= 0.5, gold, tag_ids),
-            model_flat=thr.score(model_probs[rows] >= 0.5, gold, tag_ids),
-            model=thr.score(model_pred, gold, tag_ids),
-            shipped=thr.score(shipped_pred, gold, tag_ids),
-        )
-    # All dev sets together, as chosen on.
-    sets["dev"] = SetScores(
-        weak=thr.score(weak_probs[dev_rows] >= 0.5, dev_gold, tag_ids),
-        model_flat=thr.score(model_probs[dev_rows] >= 0.5, dev_gold, tag_ids),
-        model=model_choice.heldout, shipped=shipped_choice.heldout)
-    return Evaluation(
-        sets=sets,
-        dev_in_sample=thr.score(shipped_probs[dev_rows] >= shipped_cut, dev_gold, tag_ids),
-        threshold_policy=shipped_choice.policy,
-        policy_candidates={k: v.mean_f1 for k, v in shipped_choice.candidates.items()},
-        blend_weight=blend_weight,
-        blend_candidates=blend_candidates,
-        thresholds=shipped_choice.thresholds,
-    )
-
-
 # --- the run ----------------------------------------------------------------------------------------
 
 
@@ -211,10 +120,33 @@ def load_model(cfg: DictConfig, tag_ids: list[str]) -> Backbone:
     return backbone
 
 
+@dataclass(frozen=True)
+class Pool:
+    """The papers scored after training: every held-out paper, then the first `export.review_pool`
+    training papers (for review.jsonl). `shipped`: what predict.py gives them (the model's
+    probabilities, blended with the rules where a blend ships)."""
+
+    papers: list[Paper]
+    weak: np.ndarray
+    model: np.ndarray
+    shipped: np.ndarray
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Everything the run made, for the checkpoint, the review and the report."""
+
+    taxonomy: Taxonomy
+    weak: WeakLabels
+    data: TrainingData
+    trained: Trained
+    pool: Pool
+    evaluation: Evaluation
+    blend: RuleBlend | None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The full training run; returns the summary also written to `<run_dir>/metrics.json`."""
-    from abstract_tagger.labeling.weak_labels import build_weak_labels
-
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
     tag_ids = taxonomy.ids
     validate(cfg, tag_ids)
@@ -242,22 +174,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         weak.write(run_dir)
 
     trained = train(cfg, accelerator, backbone, data, tag_ids, run_dir)
-    # Scored after training: every held-out paper, then the first training papers (for review.jsonl).
-    review = list(data.train_papers(cfg.export.review_pool))
-    pool = data.held_out + [p for papers, _ in review for p in papers]
-    pool_weak = np.concatenate([data.held_out_weak, *(targets for _, targets in review)])
-    probs = model_probs(cfg, accelerator, trained.backbone.model, trained.backbone.tokenizer,
-                        papers_dataset(pool, trained.backbone.tokenizer, cfg.model.max_length))
+    papers, pool_weak, probs = score_pool(cfg, accelerator, data, trained.backbone)
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        blend, weights, shipped = fit_blend(cfg, taxonomy, data, pool, probs)
+        blend, weights, shipped = fit_blend(cfg, taxonomy, data, papers, probs)
         evaluation = evaluate_run(cfg, data.split, probs, shipped, pool_weak, blend.weight if blend else 0.0,
                                   weights, tag_ids)
-        summary = _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, shipped, trained,
-                                     evaluation, blend, run_dir)
+        outcome = Outcome(taxonomy, weak, data, trained, Pool(papers, pool_weak, probs, shipped), evaluation, blend)
+        checkpoint = export(cfg, accelerator, outcome, run_dir / "checkpoint")
+        review(cfg, outcome, run_dir / "review.jsonl")
+        summary = report(cfg, accelerator, outcome, checkpoint, run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def score_pool(cfg: DictConfig, accelerator: Accelerator, data: TrainingData,
+               backbone: Backbone) -> tuple[list[Paper], np.ndarray, np.ndarray]:
+    """The pool's papers (every held-out paper, then the first `export.review_pool` training papers),
+    their weak labels and the trained model's probabilities."""
+    review = list(data.train_papers(cfg.export.review_pool))
+    papers = data.held_out + [p for batch, _ in review for p in batch]
+    weak = np.concatenate([data.held_out_weak, *(targets for _, targets in review)])
+    probs = model_probs(cfg, accelerator, backbone.model, backbone.tokenizer,
+                        papers_dataset(papers, backbone.tokenizer, cfg.model.max_length))
+    return papers, weak, probs
 
 
 METRICS = ("micro_f1", "macro_f1", "mean_f1")
@@ -284,14 +225,16 @@ def optimized_metric(summary: Mapping[str, Any], key: str) -> float:
     return scores[metric]
 
 
-def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, shipped, trained, evaluation, blend,
-                       run_dir) -> dict[str, Any]:
-    """Main process: checkpoint, review.jsonl, charts, tracking, metrics.json. `shipped`: the
-    probabilities predict.py gives every paper of `pool` (the model's, blended with the rules where shipped)."""
-    tag_ids = taxonomy.ids
-    t = cfg.trainer
-    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-    corpus = {"sources": {n: s["kept"] for n, s in weak.report["corpus"]["per_source"].items()},
+# --- export and report ------------------------------------------------------------------------------
+
+
+def _precision(accelerator: Accelerator) -> str:
+    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+
+
+def card_facts(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome) -> CardFacts:
+    t, data = cfg.trainer, outcome.data
+    corpus = {"sources": {n: s["kept"] for n, s in outcome.weak.report["corpus"]["per_source"].items()},
               "train": len(data.train), "held_out": {n: len(r) for n, r in data.split.sets.items()}}
     training = {"epochs": t.epochs, "loss": t.loss._target_.rsplit(".", 1)[-1], "pos_weight": t.pos_weight,
                 "hand_papers": data.n_hand, "hand_weight": t.hand_weight, "clean_phase_epochs": t.clean_phase.epochs,
@@ -299,26 +242,27 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, 
                 "self_training_epochs": t.self_training.epochs, "self_training_model_weight": t.self_training.model_weight,
                 "batch_size": t.batch_size * accelerator.num_processes * t.grad_accum,
                 "max_length": cfg.model.max_length, "lr": t.lr, "head_lr": t.head_lr or t.lr,
-                "precision": precision, "seed": cfg.seed, "threshold_folds": cfg.thresholds.folds}
-    card = model_card(backbone=trained.backbone.source, taxonomy=taxonomy, evaluation=evaluation, corpus=corpus,
-                      labeling={"functions": weak.report["functions"]}, training=training)
-    model = accelerator.unwrap_model(trained.backbone.model)
-    checkpoint = export_checkpoint(model, trained.backbone.tokenizer, run_dir / "checkpoint",
-                                   thresholds=evaluation.thresholds, taxonomy=taxonomy,
-                                   max_length=cfg.model.max_length, dtype=cfg.export.dtype, card=card, blend=blend)
-    cut = np.array([evaluation.thresholds[tg] for tg in tag_ids])
-    split = data.split
-    gold_tags = {pool[r].id: [tg for tg, on in zip(tag_ids, y) if on]
-                 for name in split.sets for r, y in zip(split.sets[name], split.labels[name])}
-    write_review(run_dir / "review.jsonl", pool, shipped, pool_weak, cut, weak.threshold, tag_ids, gold_tags,
-                 cfg.export.review_size)
+                "precision": _precision(accelerator), "seed": cfg.seed, "threshold_folds": cfg.thresholds.folds}
+    return CardFacts(backbone=outcome.trained.backbone.source, corpus=corpus, functions=outcome.weak.report["functions"],
+                     training=training, evaluation=outcome.evaluation, taxonomy=outcome.taxonomy)
 
-    dev = evaluation.sets["dev"]
+
+def export(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, out_dir: Path) -> Path:
+    """The checkpoint, its weights in `export.dtype`."""
+    model = accelerator.unwrap_model(outcome.trained.backbone.model).to(getattr(torch, cfg.export.dtype))
+    return export_checkpoint(model, outcome.trained.backbone.tokenizer, out_dir,
+                             thresholds=outcome.evaluation.thresholds, taxonomy=outcome.taxonomy,
+                             max_length=cfg.model.max_length, card=model_card(card_facts(cfg, accelerator, outcome)),
+                             blend=outcome.blend)
+
+
+def _charts(accelerator: Accelerator, outcome: Outcome, run_dir: Path) -> None:
+    tag_ids, dev = outcome.taxonomy.ids, outcome.evaluation.sets["dev"]
     per_tag = {"weak labels (0.5)": dev.weak.per_tag, "model (k-fold)": dev.model.per_tag,
                "shipped (k-fold)": dev.shipped.per_tag}
     tracking.plot_per_tag_f1(run_dir / "per_tag_f1.png", tag_ids, per_tag)
     steps, losses, epoch_steps, offset = [], [], [], 0
-    for r in trained.rounds:  # rounds continue the step count
+    for r in outcome.trained.rounds:  # rounds continue the step count
         steps += [offset + s for s in r.steps]
         losses += r.losses
         epoch_steps += [offset + s for s in r.epoch_steps]
@@ -326,17 +270,31 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, 
     tracking.plot_loss(run_dir / "loss.png", steps, losses, epoch_steps)
     tracking.log_per_tag_table(accelerator, tag_ids, per_tag)
     accelerator.log({f"final/{name}/{kind}/{m}": getattr(getattr(s, kind), m)
-                     for name, s in evaluation.sets.items() for kind in ("weak", "model", "shipped")
+                     for name, s in outcome.evaluation.sets.items() for kind in ("weak", "model", "shipped")
                      for m in ("micro_f1", "macro_f1")})
 
+
+def review(cfg: DictConfig, outcome: Outcome, path: Path) -> None:
+    tag_ids, papers, split = outcome.taxonomy.ids, outcome.pool.papers, outcome.data.split
+    gold = {papers[r].id: [tg for tg, on in zip(tag_ids, y) if on]
+            for name in split.sets for r, y in zip(split.sets[name], split.labels[name])}
+    cut = np.array([outcome.evaluation.thresholds[t] for t in tag_ids])
+    write_review(path, outcome.pool, cut, outcome.weak.threshold, tag_ids, gold, cfg.export.review_size)
+
+
+def report(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, checkpoint: Path,
+           run_dir: Path) -> dict[str, Any]:
+    """Charts, tracking and metrics.json; returns the run's summary."""
+    _charts(accelerator, outcome, run_dir)
+    evaluation, trained = outcome.evaluation, outcome.trained
     summary = {
         "checkpoint": str(checkpoint),
         "backbone": trained.backbone.source,
         "fell_back": trained.backbone.fell_back,
-        "corpus": corpus,
+        "corpus": card_facts(cfg, accelerator, outcome).corpus,
         "train_seconds": round(trained.seconds, 1),
         "train_samples_per_s": round(trained.samples_per_s, 2),
-        "precision": precision,
+        "precision": _precision(accelerator),
         "num_processes": accelerator.num_processes,
         "threshold_policy": evaluation.threshold_policy,
         "threshold_policy_candidates": evaluation.policy_candidates,
@@ -355,27 +313,27 @@ def _export_and_report(cfg, accelerator, taxonomy, weak, data, pool, pool_weak, 
     return summary
 
 
-def write_review(path: Path, papers: Sequence[Paper], model_probs: np.ndarray, weak_probs: np.ndarray,
-                 thresholds: np.ndarray, weak_threshold: float, tag_ids: list[str],
+def write_review(path: Path, pool: Pool, thresholds: np.ndarray, weak_threshold: float, tag_ids: list[str],
                  gold: Mapping[str, list[str]], size: int) -> None:
-    """Papers where the model and the weak labels disagree most, most first: the ones worth relabelling
-    (corrected rows can go back in as `data.gold_train`). Disagreement is the summed |model - weak|
+    """Papers where what ships and the weak labels disagree most, most first: the ones worth relabelling
+    (corrected rows can go back in as `data.gold_train`). Disagreement is the summed |shipped - weak|
     probability over the tags whose decisions differ."""
-    model_tags = model_probs >= thresholds
-    weak_tags = weak_probs >= weak_threshold
-    differ = model_tags != weak_tags
-    gap = np.abs(model_probs - weak_probs) * differ
+    shipped_tags = pool.shipped >= thresholds
+    weak_tags = pool.weak >= weak_threshold
+    differ = shipped_tags != weak_tags
+    gap = np.abs(pool.shipped - pool.weak) * differ
     order = np.argsort(-gap.sum(1), kind="stable")
     with open(path, "w", encoding="utf-8") as f:
         for i in order[:size]:
             if not differ[i].any():
                 break
+            paper = pool.papers[i]
             f.write(json.dumps({
-                "id": papers[i].id, "title": papers[i].title, "disagreement": round(float(gap[i].sum()), 4),
-                "model_tags": [t for t, on in zip(tag_ids, model_tags[i]) if on],
+                "id": paper.id, "title": paper.title, "disagreement": round(float(gap[i].sum()), 4),
+                "model_tags": [t for t, on in zip(tag_ids, shipped_tags[i]) if on],
                 "weak_tags": [t for t, on in zip(tag_ids, weak_tags[i]) if on],
-                "gold_tags": gold.get(papers[i].id),
-                "differences": {t: {"model": round(float(model_probs[i, j]), 3), "weak": round(float(weak_probs[i, j]), 3)}
+                "gold_tags": gold.get(paper.id),
+                "differences": {t: {"model": round(float(pool.shipped[i, j]), 3), "weak": round(float(pool.weak[i, j]), 3)}
                                 for j, t in enumerate(tag_ids) if differ[i, j]},
-                "abstract": papers[i].abstract,
+                "abstract": paper.abstract,
             }, ensure_ascii=False) + "\n")

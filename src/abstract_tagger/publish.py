@@ -32,23 +32,28 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from abstract_tagger.checkpoint import swap_in
-from abstract_tagger.config_checks import validate_publish
-from abstract_tagger.corpus import Paper, read_gold, read_source
-from abstract_tagger.onnx_export import export_onnx
-from abstract_tagger.tagger import Tagger, check_checkpoint
+from abstract_tagger.checkpoint.format import (
+    CARD_FILE,
+    THRESHOLDS_FILE,
+    WEIGHTS_FILE,
+    check_checkpoint,
+    read_json,
+    swap_in,
+)
+from abstract_tagger.checkpoint.onnx_export import export_onnx
+from abstract_tagger.common.config import fraction_at, one_of, positive_at, require
+from abstract_tagger.data.corpus import Paper, read_gold, read_source
+from abstract_tagger.inference.tagger import Tagger
 
 log = logging.getLogger(__name__)
-
-_WEIGHTS = "model.safetensors"
 
 
 def write_fp16(src: Path, dst: Path) -> None:
     """fp16 weights with config dtype float32: plain `from_pretrained` upcasts them on load, since fp16
     matmuls on CPU are slow or unsupported. ONNX graphs are not copied: they point into the weights file."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(_WEIGHTS, "*.bin", "*.pt", "*.pth", "*.onnx"))
-    state = load_file(src / _WEIGHTS)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dst / _WEIGHTS,
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(WEIGHTS_FILE, "*.bin", "*.pt", "*.pth", "*.onnx"))
+    state = load_file(src / WEIGHTS_FILE)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dst / WEIGHTS_FILE,
               metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())
     config["dtype"] = "float32"
@@ -141,7 +146,7 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         size = folder_mb(tmp)
         if size > max_mb:
             raise ValueError(f"{src}: the fp16 checkpoint with its ONNX graphs is {size:.1f} MB, over max_mb={max_mb}")
-        tag_ids = list(json.loads((tmp / "thresholds.json").read_text()))
+        tag_ids = list(read_json(tmp / THRESHOLDS_FILE))
         texts = dev_texts(dev_sets, tag_ids)
         agreement = onnx_agreement(tmp, texts)
         for label, a in agreement.items():
@@ -152,8 +157,8 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         if bad:
             raise ValueError(f"ONNX graph(s) {bad} disagree with torch fp32 on more than "
                              f"max_disagreement={max_disagreement} of the dev papers")
-        card = (tmp / "README.md").read_text() if (tmp / "README.md").is_file() else ""
-        (tmp / "README.md").write_text(onnx_card(card, agreement=agreement, n_dev=len(texts),
+        card = (tmp / CARD_FILE).read_text() if (tmp / CARD_FILE).is_file() else ""
+        (tmp / CARD_FILE).write_text(onnx_card(card, agreement=agreement, n_dev=len(texts),
                                                  max_disagreement=max_disagreement))
         _readable(tmp)
         swap_in(tmp, dest)
@@ -195,3 +200,32 @@ def publish_from_config(cfg: DictConfig) -> None:
             print(f"dry run: {Path(opts['out_dir']) / opts['name']} left as it is")
         if opts["push_to_hub"]:
             push(dest, repo_id=opts["repo_id"], private=opts["private"], dry_run=dry_run)
+
+
+def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
+    """publish.py: checked before the published checkpoint is touched."""
+    cfg = OmegaConf.create(dict(opts))
+    require((run_dir / "checkpoint").is_dir(), "run_dir", "has no checkpoint/ directory", str(run_dir))
+    require(isinstance(cfg.name, str) and cfg.name.strip() not in ("", ".", "..") and "/" not in cfg.name,
+             "name", "must be a plain directory name", cfg.name)
+    require(isinstance(cfg.out_dir, str) and bool(cfg.out_dir), "out_dir", "must be a directory path", cfg.out_dir)
+    dest, source = (Path(cfg.out_dir) / cfg.name).resolve(), (run_dir / "checkpoint").resolve()
+    # Publishing replaces out_dir/name with an fp16 copy of the run's checkpoint: never the checkpoint itself.
+    require(dest != source and source not in dest.parents and dest not in source.parents, "out_dir",
+            f"out_dir/name ({dest}) is or holds the run's own checkpoint {source}, which publishing would "
+            "replace by its fp16 copy; publish somewhere else", cfg.out_dir)
+    positive_at(cfg, "max_mb")
+    fraction_at(cfg, "max_score_diff")
+    fraction_at(cfg, "max_disagreement")
+    require(isinstance(cfg.dev_sets, DictConfig) and len(cfg.dev_sets) > 0, "dev_sets",
+             "must map a name to {gold: FILE, papers: FILE, format: FORMAT}", cfg.dev_sets)
+    for name, spec in cfg.dev_sets.items():
+        for key in ("gold", "papers"):
+            value = OmegaConf.select(spec, key) if isinstance(spec, DictConfig) else None
+            require(isinstance(value, str) and Path(value).is_file(), f"dev_sets.{name}.{key}", "file not found",
+                     value)
+    for key in ("push_to_hub", "private", "dry_run"):
+        one_of(cfg, key, (True, False))
+    if cfg.push_to_hub:
+        require(isinstance(cfg.repo_id, str) and cfg.repo_id.count("/") == 1, "repo_id",
+                 "push_to_hub=true needs repo_id=USER/NAME", cfg.repo_id)

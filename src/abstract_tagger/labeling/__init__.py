@@ -1,6 +1,7 @@
-"""Weak labelling: labelling functions (`functions`), sentence embeddings (`embedding`), label models
-(`label_model`), the report (`report`), and the run that ties them together (`weak_labels`).
+"""Stage 2, weak labels: labelling functions vote per tag, a label model turns the votes into soft
+targets, with a report per function; the rule blend that prediction mixes in. Imports common, metrics
+and data.
 
-Kept empty so that importing one part (prediction imports the rule functions) does not import the
+Kept empty, so that importing one part (prediction imports the rule functions) does not import the
 others and their heavy dependencies.
 """

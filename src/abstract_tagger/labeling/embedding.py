@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from abstract_tagger.corpus import write_atomic
-from abstract_tagger.model import BUNDLED_MINILM, resolve_path
+from abstract_tagger.common.bundled import BUNDLED_MINILM, resolve_path
+from abstract_tagger.common.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from abstract_tagger.corpus import Paper
-from abstract_tagger.taxonomy import Taxonomy
+from abstract_tagger.data.corpus import Paper
+from abstract_tagger.data.taxonomy import Taxonomy
 
 ABSTAIN, NEGATIVE, POSITIVE = -1, 0, 1
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from abstract_tagger.labeling.functions import ABSTAIN, NEGATIVE, POSITIVE
-from abstract_tagger.thresholds import score
+from abstract_tagger.metrics import score
 
 
 class FunctionStats:

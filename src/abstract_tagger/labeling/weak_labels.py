@@ -36,15 +36,16 @@ from typing import IO, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from abstract_tagger.corpus import CorpusStats, Paper, batched, file_digest, read_corpus, read_gold_sets, write_atomic
+from abstract_tagger.common.bundled import resolve_path
+from abstract_tagger.common.files import file_digest, write_atomic
+from abstract_tagger.common.runtime import process_state
+from abstract_tagger.data.corpus import CorpusStats, Paper, batched, read_corpus, read_gold_sets
+from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling import embedding
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder
 from abstract_tagger.labeling.functions import LabelingFunctions, build_functions
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
 from abstract_tagger.labeling.report import FunctionStats, gold_report, to_markdown
-from abstract_tagger.model import resolve_path
-from abstract_tagger.runtime import process_state
-from abstract_tagger.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def make_encoder(cfg: Mapping[str, Any], cache_dir: Path, device: Any = "cpu") -
 def _code_digest() -> str:
     """The code that turns a corpus into weak labels: editing it invalidates cached results."""
     package = Path(__file__).parent
-    files = sorted(package.glob("*.py")) + [package.parent / "corpus.py", package.parent / "taxonomy.py"]
+    files = sorted(package.glob("*.py")) + sorted((package.parent / "data").glob("*.py"))
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 

@@ -6,8 +6,7 @@ Load it by path, which needs no network: `evaluate.load(abstract_tagger.metrics.
 import datasets
 import evaluate
 import numpy as np
-from sklearn.metrics import f1_score
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 _DESCRIPTION = """Micro and macro F1 over multi-label 0/1 indicator rows, and precision/recall/F1 per label.
 A label with no gold positives and no predicted positives scores 0 (sklearn zero_division=0)."""

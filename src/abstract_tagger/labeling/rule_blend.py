@@ -15,19 +15,16 @@ blend needs (patterns, categories, the table, the weight) is stored in the check
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from abstract_tagger.corpus import Paper
+from abstract_tagger.data.corpus import Paper
+from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling.functions import ArxivFunction, KeywordFunctions, LabelingFunctions
-from abstract_tagger.taxonomy import Taxonomy
 
-RULES_FILE = "rules.json"
 _OUTCOMES = 3  # abstain, negative, positive (vote + 1)
 
 
@@ -91,36 +88,19 @@ class RuleBlend:
             "table": self.table.round(6).tolist(),
         }
 
-    def save(self, directory: str | Path) -> None:
-        (Path(directory) / RULES_FILE).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-
     @classmethod
-    def load(cls, directory: str | Path, tag_ids: Sequence[str]) -> RuleBlend | None:
-        """The checkpoint's blend, or None for a checkpoint without one (the model alone)."""
-        path = Path(directory) / RULES_FILE
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+    def from_dict(cls, data: Mapping[str, Any], tag_ids: Sequence[str]) -> RuleBlend:
+        """The blend `to_dict` wrote; ValueError where it does not match `tag_ids` or is malformed."""
         taxonomy = Taxonomy.from_config({"tags": data["tags"]})
         table = np.asarray(data["table"], dtype=np.float32)
         blend = cls(taxonomy, int(data["min_abstract_hits"]), table, float(data["weight"]))
         if taxonomy.ids != list(tag_ids) or table.shape != (_OUTCOMES ** len(blend.functions.names), len(tag_ids)):
-            raise ValueError(f"{path}: does not match the checkpoint's labels or is malformed")
+            raise ValueError("does not match the checkpoint's labels or is malformed")
         # `not 0 <= x <= 1` also catches NaN. The table holds probabilities: 5.0 gave "probabilities" of 3.
         if not 0 <= blend.weight <= 1 or not ((table >= 0) & (table <= 1)).all():
-            raise ValueError(f"{path}: the weight and every table value must be probabilities in [0, 1]")
+            raise ValueError("the weight and every table value must be probabilities in [0, 1]")
         return blend
 
 
 def mix(model_probs: np.ndarray, rule_probs: np.ndarray, weight: float) -> np.ndarray:
     return ((1 - weight) * model_probs + weight * rule_probs).astype(np.float32)
-
-
-def choose_weight(model_probs: np.ndarray, rule_probs: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str],
-                  weights: Sequence[float], thresholds_cfg: Mapping[str, Any], seed: int = 0) -> dict[float, float]:
-    """Held-out dev score (mean of micro and macro F1, thresholds chosen by the policy under k-fold)
-    of every candidate weight; the caller takes the best."""
-    from abstract_tagger.thresholds import choose
-
-    return {w: choose(mix(model_probs, rule_probs, w), gold, tag_ids, thresholds_cfg, seed).heldout.mean_f1
-            for w in weights}

@@ -19,10 +19,10 @@ import sys
 import unicodedata
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,26 +100,6 @@ class CorpusStats:
             f"read {self.read} = kept {self.kept} + duplicates {self.duplicates} "
             f"+ rejected {self.rejected}"
         )
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """`write(file)` under a temporary name, then renamed to `path`: a kill or a full disk never leaves
-    half a file there, and a reader sees the previous whole file or the new one (caches that a killed
-    run resumes from, results rewritten in a reused run directory)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: the content a cache entry or a resumed run was made from."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _json_error(e: json.JSONDecodeError) -> str:

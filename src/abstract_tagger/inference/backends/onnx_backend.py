@@ -17,9 +17,10 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from abstract_tagger.corpus import file_digest
-from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8, WEIGHTS_DIGEST_KEY, Backend, CheckpointError, recheck_margin_for
-from abstract_tagger.tagger import ONNX_PRECISIONS as PRECISIONS
+from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, WEIGHTS_DIGEST_KEY, CheckpointError
+from abstract_tagger.common.files import file_digest
+from abstract_tagger.inference.backends.base import Backend, recheck_margin_for
+from abstract_tagger.inference.options import ONNX_PRECISIONS as PRECISIONS
 
 
 def physical_cores() -> int:

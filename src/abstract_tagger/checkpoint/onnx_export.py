@@ -33,10 +33,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoModelForSequenceClassification
 
-from abstract_tagger.corpus import file_digest
-from abstract_tagger.tagger import ONNX_FP32, ONNX_INT8, WEIGHTS_DIGEST_KEY
+from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, WEIGHTS_DIGEST_KEY, WEIGHTS_FILE
+from abstract_tagger.common.files import file_digest
 
-_WEIGHTS = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F16": (np.float16, TensorProto.FLOAT16), "F32": (np.float32, TensorProto.FLOAT)}
 # Smaller tensors (biases, LayerNorm weights) are not worth the extra nodes.
 _MIN_SHARED = 4096
@@ -176,7 +175,7 @@ def share_weights(model: onnx.ModelProto, weights: Path) -> tuple[int, int]:
             if name not in external:
                 tensor = TensorProto(name=name, data_type=stored.onnx_dtype, dims=stored.shape,
                                      data_location=TensorProto.EXTERNAL)
-                for key, val in (("location", _WEIGHTS), ("offset", stored.offset), ("length", stored.length)):
+                for key, val in (("location", WEIGHTS_FILE), ("offset", stored.offset), ("length", stored.length)):
                     tensor.external_data.add(key=key, value=str(val))
                 external[name] = tensor
             if stored.transposed:
@@ -218,13 +217,13 @@ def export_onnx(checkpoint: Path) -> dict[str, Path]:
     written = {}
     # The graphs read the weights at fixed byte offsets, and keep the small tensors inline: they are
     # right only beside the very file they were made from, which the backend checks by this digest.
-    digest = file_digest(checkpoint / _WEIGHTS)
+    digest = file_digest(checkpoint / WEIGHTS_FILE)
     with tempfile.TemporaryDirectory() as tmp, _without_info_logs():
         fp32 = export_fp32(checkpoint, Path(tmp))
         int8 = quantize_int8(fp32)
         for name, source in ((ONNX_FP32, fp32), (ONNX_INT8, int8)):
             model = onnx.load(source)
-            share_weights(model, checkpoint / _WEIGHTS)
+            share_weights(model, checkpoint / WEIGHTS_FILE)
             model.metadata_props.add(key=WEIGHTS_DIGEST_KEY, value=digest)
             onnx.save(model, checkpoint / name)
             written[name] = checkpoint / name

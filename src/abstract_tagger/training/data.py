@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import datasets
+import numpy as np
 from datasets import Dataset, Features, List, Value
 from omegaconf import DictConfig
 
-from abstract_tagger.corpus import CorpusError, GoldSet, Paper, batched
+from abstract_tagger.data.corpus import CorpusError, GoldSet, Paper, batched
 from abstract_tagger.labeling.weak_labels import WeakLabels, read_chunks
 
 if not sys.stderr.isatty():

@@ -19,49 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import KFold
 
+from abstract_tagger.labeling.rule_blend import mix
+from abstract_tagger.metrics import Scores, score
+
 POLICIES = ("flat", "guarded", "tuned")  # simplest first: ties go to the earlier one
-
-
-@cache
-def _metric():
-    import evaluate
-
-    from abstract_tagger.metrics import MULTILABEL_F1
-
-    return evaluate.load(MULTILABEL_F1)
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Multi-label scores of 0/1 predictions against gold; `per_tag`: {tag: {precision, recall, f1, support}}."""
-
-    micro_f1: float
-    macro_f1: float
-    micro_precision: float
-    micro_recall: float
-    per_tag: Mapping[str, Mapping[str, float]]
-    n_papers: int
-
-    @property
-    def mean_f1(self) -> float:
-        return (self.micro_f1 + self.macro_f1) / 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"micro_f1": self.micro_f1, "macro_f1": self.macro_f1, "micro_precision": self.micro_precision,
-                "micro_recall": self.micro_recall, "n_papers": self.n_papers, "per_tag": dict(self.per_tag)}
-
-
-def score(pred: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str]) -> Scores:
-    """Micro/macro F1 and per-tag P/R/F1 of 0/1 predictions, through the shipped evaluate metric."""
-    m = _metric().compute(predictions=np.asarray(pred, dtype=np.int8), references=np.asarray(gold, dtype=np.int8),
-                          label_names=list(tag_ids))
-    return Scores(m["micro_f1"], m["macro_f1"], m["micro_precision"], m["micro_recall"], m["per_label"], len(gold))
 
 
 def _f1(pred: np.ndarray, gold: np.ndarray) -> np.ndarray:
@@ -152,3 +118,11 @@ def choose(probs: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str], cfg: Map
     best = max(names, key=lambda n: (round(heldout[n].mean_f1, 6), -POLICIES.index(n)))
     thresholds = policies[best].fit(probs, gold)
     return ThresholdChoice(best, dict(zip(tag_ids, thresholds.tolist())), heldout[best], preds[best], heldout)
+
+
+def choose_weight(model_probs: np.ndarray, rule_probs: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str],
+                  weights: Sequence[float], thresholds_cfg: Mapping[str, Any], seed: int = 0) -> dict[float, float]:
+    """Held-out dev score (mean of micro and macro F1, thresholds chosen by the policy under k-fold)
+    of every candidate weight; the caller takes the best."""
+    return {w: choose(mix(model_probs, rule_probs, w), gold, tag_ids, thresholds_cfg, seed).heldout.mean_f1
+            for w in weights}

@@ -22,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-
 from datasets import Dataset
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler
 
-from abstract_tagger.progress import progress_bar
-from abstract_tagger.runtime import cpu_launch, fast_precision
-from abstract_tagger.thresholds import score
+from abstract_tagger.common.progress import progress_bar
+from abstract_tagger.common.runtime import cpu_launch, fast_precision
+from abstract_tagger.metrics import score
 
 log = logging.getLogger(__name__)
 

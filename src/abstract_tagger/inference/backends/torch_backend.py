@@ -11,9 +11,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from abstract_tagger.tagger import TORCH_PRECISIONS as PRECISIONS
-from abstract_tagger.tagger import Backend, CheckpointError, recheck_margin_for
-from abstract_tagger.runtime import fast_precision
+from abstract_tagger.checkpoint.format import CheckpointError
+from abstract_tagger.common.runtime import fast_precision
+from abstract_tagger.inference.backends.base import Backend, recheck_margin_for
+from abstract_tagger.inference.options import TORCH_PRECISIONS as PRECISIONS
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from omegaconf import DictConfig
 
-from abstract_tagger.config_checks import ConfigError, check_output, check_predict_options, validate_predict
-from abstract_tagger.corpus import CorpusError, Paper, Reject, batched, file_digest, read_source, write_atomic
-from abstract_tagger.tagger import Tagger, choose_backend, predict_defaults
-from abstract_tagger.progress import progress_bar
-from abstract_tagger.writing import exclusive, lock_path
+from abstract_tagger.checkpoint.format import MARKER_FILES
+from abstract_tagger.common.config import ConfigError, one_of, plain, require
+from abstract_tagger.common.files import exclusive, file_digest, lock_path, write_atomic
+from abstract_tagger.common.progress import progress_bar
+from abstract_tagger.data.corpus import FORMATS, CorpusError, Paper, Reject, batched, read_source
+from abstract_tagger.inference.options import PREDICT_OPTIONS, check_predict_options, choose_backend, predict_defaults
+from abstract_tagger.inference.tagger import Tagger
 
 log = logging.getLogger(__name__)
 _SCORE_DECIMALS = 4
@@ -289,7 +292,7 @@ def predict_file(
     Every input record ends up as an output row or, with on_error="skip", a line of
     `<output>.rejects.jsonl`; on_error="raise" stops at the first bad record with file:line: reason.
     With finalize=False the partial files and journal stay for `merge_parts`. max_chars, chunk_size and
-    on_error left None take conf/predict.yaml's values.
+    on_error left None take the package's defaults (inference/predict_defaults.yaml).
     """
     given = {"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error}
     max_chars, chunk_size, on_error = (predict_defaults()[k] if v is None else v for k, v in given.items())
@@ -435,3 +438,42 @@ def predict_from_config(cfg: Any) -> PredictStats:
     if stats.rejected:
         log.info("rejected records (file, line, reason): %s", OutputFiles(output).rejects)
     return stats
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+
+
+def validate_predict(cfg: DictConfig) -> None:
+    """predict.py: every setting, before the model loads and before anything is written."""
+    check_predict_options({key: plain(cfg[key]) for key in PREDICT_OPTIONS})
+    one_of(cfg, "format", (None, *FORMATS))
+    for key in ("resume", "progress"):
+        one_of(cfg, key, (True, False))
+    try:
+        parse_shard(cfg.shard)
+    except ValueError as e:
+        raise ConfigError(f"shard={cfg.shard!r}: {e}") from None
+    require(cfg.fields is None or (isinstance(cfg.fields, DictConfig) and all(isinstance(v, str) for v in
+             cfg.fields.values())), "fields", "must be a mapping like {title: COLUMN, abstract: COLUMN}", cfg.fields)
+    source = str(cfg.input)
+    require(source == "-" or Path(source).is_file(), "input", "file not found (or not a file)", source)
+    check_output(source, cfg.output)
+
+
+def check_output(source: str | Path, output: str | Path) -> None:
+    """predict.py's and predict_file's output: a new file that destroys nothing (the input, a checkpoint)."""
+    output, source = Path(str(output)), str(source)
+    require(not output.is_dir(), "output", "is a directory; give a file name", str(output))
+    # Rows are appended and truncated by byte offset to resume; a compressed stream cannot be.
+    require(output.suffix.lower() != ".gz", "output", "compressed output is not supported; write a .jsonl "
+             "or .csv and compress it afterwards", str(output))
+    # Its thresholds.json or config.json would be overwritten, or a stray file published with it.
+    require(not all((output.parent / name).is_file() for name in MARKER_FILES), "output",
+            f"is inside the checkpoint directory {output.parent}; write it elsewhere", str(output))
+    if source != "-":
+        files = OutputFiles(output)
+        for path in (files.output, files.partial, files.rejects, files.rejects_partial, files.journal, files.lock):
+            require(not _same_file(path, Path(source)), "output", f"would overwrite the input {source}", str(output))
