@@ -39,8 +39,9 @@ def ours(cfg, backbone, data, tag_ids, workdir: Path) -> float:
     accelerator = training.make_accelerator(cfg)
     model = accelerator.prepare(backbone.model)
     dev = data.select(range(8))
-    result = training.fit(cfg.trainer, accelerator, model, backbone.tokenizer, data, dev,
-                          np.zeros((8, len(tag_ids)), np.int8), tag_ids, workdir, training.Phase.weak(cfg.trainer))
+    fit_data = training.FitData(data, dev, np.zeros((8, len(tag_ids)), np.int8), tag_ids)
+    result = training.fit(cfg.trainer, accelerator, model, backbone.tokenizer, fit_data, workdir,
+                          training.Phase.weak(cfg.trainer))
     return result.samples_per_s
 
 

@@ -214,8 +214,8 @@ def fit(cfg, papers, taxonomy, run_dir):
     tok, length = backbone.tokenizer, cfg.model.max_length
     train = labelled_dataset(papers[:-8], probs[:-8], tok, length)
     dev = labelled_dataset(papers[-8:], probs[-8:], tok, length)
-    result = training.fit(cfg.trainer, accelerator, backbone.model, tok, train, dev,
-                          (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids, run_dir / "state",
+    data = training.FitData(train, dev, (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids)
+    result = training.fit(cfg.trainer, accelerator, backbone.model, tok, data, run_dir / "state",
                           training.Phase.weak(cfg.trainer))
     return Fitted(backbone, result.losses, result.epoch_metrics, result.steps, result.epoch_steps)
 

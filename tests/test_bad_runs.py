@@ -204,9 +204,10 @@ def test_6_non_finite_loss_stops_training_before_any_state(root, papers, taxonom
     model = accelerator.prepare(backbone.model)
     with pytest.raises(ValueError, match="training diverged: loss nan at optimizer step 1"):
         tok, length = backbone.tokenizer, cfg.model.max_length
-        training.fit(cfg.trainer, accelerator, model, tok, labelled_dataset(papers[:-8], probs[:-8], tok, length),
-                     labelled_dataset(papers[-8:], probs[-8:], tok, length), (probs[-8:] > 0.5).astype(np.int8),
-                     taxonomy.ids, tmp_path / "state", training.Phase.weak(cfg.trainer))
+        data = training.FitData(labelled_dataset(papers[:-8], probs[:-8], tok, length),
+                                labelled_dataset(papers[-8:], probs[-8:], tok, length),
+                                (probs[-8:] > 0.5).astype(np.int8), taxonomy.ids)
+        training.fit(cfg.trainer, accelerator, model, tok, data, tmp_path / "state", training.Phase.weak(cfg.trainer))
     assert not (tmp_path / "state").exists()
 
 
@@ -258,6 +259,7 @@ def published(tiny_checkpoint, tmp_path):
     return run, out
 
 
+@pytest.mark.slow
 def test_8_dry_run_leaves_the_published_checkpoint_alone(published, capsys):
     run, out = published
     run_publish(f"run_dir={run}", "name=tiny", f"out_dir={out}", "push_to_hub=true", "repo_id=me/tiny", "dry_run=true")
@@ -266,6 +268,7 @@ def test_8_dry_run_leaves_the_published_checkpoint_alone(published, capsys):
     assert "dry run: would upload" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [["push_to_hub=true"], ["max_mb=-1"], ["name=../x"], ["dry_run=maybe"]])
 def test_8_bad_publish_settings_fail_before_touching_anything(published, bad):
     run, out = published
@@ -274,6 +277,7 @@ def test_8_bad_publish_settings_fail_before_touching_anything(published, bad):
     assert (out / "tiny/model.safetensors").read_bytes() == b"the published weights"
 
 
+@pytest.mark.slow
 def test_10_predict_cli_errors_are_one_line_without_traceback(root, tiny_checkpoint, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", records(2))
     broken = broken_checkpoint(tiny_checkpoint, tmp_path)
@@ -289,6 +293,7 @@ def test_10_predict_cli_errors_are_one_line_without_traceback(root, tiny_checkpo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "in.jsonl"]
 
 
+@pytest.mark.slow
 def test_10_label_cli_errors_are_one_line_without_traceback(root, tmp_path):
     proc = subprocess.run([sys.executable, str(root / "label.py"), f"hydra.run.dir={tmp_path / 'run'}",
                            f"data.sources.seed.path={tmp_path / 'missing.txt'}"],
@@ -500,6 +505,7 @@ def test_17_output_inside_a_checkpoint_is_refused(root, tiny_checkpoint, tagger,
     assert (ckpt / "thresholds.json").read_bytes() == before and not (ckpt / "tags.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_17_publish_onto_the_runs_own_checkpoint_is_refused(published):
     run, _ = published
     before = (run / "checkpoint/model.safetensors").read_bytes()

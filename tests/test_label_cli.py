@@ -58,6 +58,7 @@ def test_label_cli_with_minilm_writes_documented_outputs(root, tmp_path, taxonom
     assert not (tmp_path / "run/rejects.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_second_run_hits_the_cache(root, tmp_path, taxonomy):
     corpus = tmp_path / "tiny.jsonl"
     write_corpus(corpus)
@@ -76,6 +77,7 @@ def test_second_run_hits_the_cache(root, tmp_path, taxonomy):
     assert json.loads((tmp_path / "c/lf_report.json").read_text())["model"] == "majority"
 
 
+@pytest.mark.slow
 def test_on_error_skip_accounts_for_every_record(root, tmp_path, taxonomy):
     corpus = tmp_path / "tiny.jsonl"
     bad = ['{"id": "x1", "title": "Broken', json.dumps({"id": "x2", "title": "No abstract", "abstract": ""}),
@@ -90,6 +92,7 @@ def test_on_error_skip_accounts_for_every_record(root, tmp_path, taxonomy):
     check_outputs(tmp_path / "run", taxonomy.ids, len(PAPERS))
 
 
+@pytest.mark.slow
 def test_on_error_raise_names_file_and_line(root, tmp_path):
     corpus = tmp_path / "tiny.jsonl"
     write_corpus(corpus, ['{"id": "x1", "title": "Broken'])

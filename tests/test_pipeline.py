@@ -106,9 +106,9 @@ def test_self_training_rounds_relabel_with_the_model_and_keep_hand_labels(root, 
     seen = []
     fit = pipeline.fit
 
-    def spy(t, accelerator, model, tokenizer, train_data, *args):
-        seen.append(np.array(train_data["labels"]))
-        return fit(t, accelerator, model, tokenizer, train_data, *args)
+    def spy(t, accelerator, model, tokenizer, data, *args):
+        seen.append(np.array(data.train["labels"]))
+        return fit(t, accelerator, model, tokenizer, data, *args)
 
     monkeypatch.setattr(pipeline, "fit", spy)
     backbone = pipeline.load_model(cfg, taxonomy.ids)
@@ -144,6 +144,7 @@ def blended_checkpoint(tiny_onnx_checkpoint, taxonomy, tmp_path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_blend_round_trips_through_the_checkpoint_tagger_and_predict_py(blended_checkpoint, tiny_onnx_checkpoint,
                                                                         taxonomy, tmp_path, root, backend):
@@ -231,10 +232,10 @@ def test_clean_phase_trains_on_hand_labels_alone_and_moves_towards_them(root, pa
     seen, before = [], []
     fit = pipeline.fit
 
-    def spy(t, accelerator, model, tokenizer, train_data, *args):
-        seen.append((train_data["id"], np.array(train_data["labels"])))
+    def spy(t, accelerator, model, tokenizer, data, *args):
+        seen.append((data.train["id"], np.array(data.train["labels"])))
         before.append(hand_loss(model))
-        return fit(t, accelerator, model, tokenizer, train_data, *args)
+        return fit(t, accelerator, model, tokenizer, data, *args)
 
     monkeypatch.setattr(pipeline, "fit", spy)
     trained = pipeline.train(cfg, accelerator, backbone, data, taxonomy.ids, tmp_path)

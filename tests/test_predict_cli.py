@@ -168,6 +168,7 @@ def test_shards_cover_the_input_and_merge_back_in_order(tagger, tmp_path, name):
     assert sorted(p.name for p in tmp_path.glob("merged-*")) == [f"merged-{name}", f"merged-{name}.rejects.jsonl"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cli_reads_stdin_and_writes_csv_without_run_dirs(tiny_onnx_checkpoint, tmp_path, root, backend):
     bad = bad_input(tmp_path)

@@ -25,6 +25,7 @@ def run_dir(tiny_checkpoint, tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys):
     out = tmp_path / "checkpoints"
     (out / "tiny").mkdir(parents=True)
@@ -58,6 +59,7 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
         assert [r["tags"] for r in after.predict(texts)] == [[tag] for _, tag in TRAIN]
 
 
+@pytest.mark.slow
 def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, monkeypatch):
     from abstract_tagger import publish
 
@@ -75,6 +77,7 @@ def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, 
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, key", [("max_disagreement=2", "max_disagreement"),
                                       ("dev_sets.recent.papers=data/no_such.jsonl", "dev_sets.recent.papers")])
 def test_bad_agreement_settings_fail_before_any_work(run_dir, tmp_path, bad, key):
@@ -83,18 +86,21 @@ def test_bad_agreement_settings_fail_before_any_work(run_dir, tmp_path, bad, key
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_publish_refuses_a_checkpoint_over_the_size_limit(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="^error: .*over max_mb=0.1"):
         run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}", "max_mb=0.1")
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_publish_refuses_pickle_weights(run_dir, tmp_path):
     (run_dir / "checkpoint/model.safetensors").rename(run_dir / "checkpoint/pytorch_model.bin")
     with pytest.raises(SystemExit, match="^error: .*only pickle weights"):
         run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}")
 
 
+@pytest.mark.slow
 def test_push_dry_run_lists_files_and_touches_no_network(run_dir, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
@@ -112,11 +118,13 @@ def test_push_dry_run_lists_files_and_touches_no_network(run_dir, tmp_path, monk
         assert f"  {name}  " in out
 
 
+@pytest.mark.slow
 def test_push_needs_a_repo_id(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="repo_id"):
         run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}", "push_to_hub=true", "dry_run=true")
 
 
+@pytest.mark.slow
 def test_publish_py_is_a_hydra_entry_point(root, run_dir, tmp_path):
     import subprocess
     import sys

@@ -162,6 +162,7 @@ def test_onnx_threads_default_to_physical_cores(tiny_onnx_checkpoint):
     assert one.num_threads == 1 and one.fast.get_session_options().intra_op_num_threads == 1
 
 
+@pytest.mark.slow
 def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy, tmp_path, root):
     """predict.py and the Tagger API on the ONNX backend, rule blend included: no torch, transformers or
     sklearn loaded."""

@@ -14,6 +14,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 SMALL = ["experiment=smoke"]
 
 
+# Every test here launches train.py (a process, often several).
+pytestmark = pytest.mark.slow
+
+
 def train(root, *args, cwd=None, launcher=(sys.executable,), timeout=180):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*launcher, str(root / "train.py"), *args], cwd=cwd or root, env=env,
@@ -123,7 +127,6 @@ def test_optuna_search_space_names_existing_settings_and_a_dev_metric(root):
     check_optimized_metric(cfg)
 
 
-@pytest.mark.slow
 def test_optuna_sweep_runs_two_trials_and_reports_the_best(root, tmp_path):
     from abstract_tagger.data.corpus import read_seed_dump
 

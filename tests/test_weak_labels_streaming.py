@@ -66,6 +66,7 @@ def test_killed_run_resumes_after_its_last_finished_chunk(root, tmp_path, corpus
     assert resumed == whole
 
 
+@pytest.mark.slow
 def test_two_processes_label_like_one(root, tmp_path, corpus):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

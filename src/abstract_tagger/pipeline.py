@@ -36,7 +36,7 @@ from abstract_tagger.training.backbone import Backbone, load_backbone
 from abstract_tagger.training.checks import validate
 from abstract_tagger.training.data import TrainingData, papers_dataset, training_data
 from abstract_tagger.training.evaluation import Evaluation, SetScores, evaluate_run, fit_blend
-from abstract_tagger.training.loop import FitResult, Phase, _loader, fit, make_accelerator, predict_probs
+from abstract_tagger.training.loop import FitData, FitResult, Phase, _loader, fit, make_accelerator, predict_probs
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: T
     dev_rows = data.split.rows("dev")
     dev_data = papers_dataset([data.held_out[i] for i in dev_rows], tokenizer, max_length)
     dev_gold = data.split.gold("dev")
+
+    def on(papers) -> FitData:
+        return FitData(papers, dev_data, dev_gold, tag_ids)
+
     trained = Trained(backbone)
     round_data = train_data
     for r in range(st.rounds + 1):
@@ -88,14 +92,13 @@ def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: T
             accelerator.print(f"self-training round {r}: targets = {1 - st.model_weight:g} x weak labels + "
                               f"{st.model_weight:g} x model")
         phase = Phase.weak(t) if r == 0 else Phase(f"round-{r}", st.epochs, t.lr, t.head_lr, t.max_steps)
-        trained.rounds.append(fit(t, accelerator, model, tokenizer, round_data, dev_data, dev_gold, tag_ids,
-                                  run_dir / STATE_DIR / phase.name, phase))
+        trained.rounds.append(fit(t, accelerator, model, tokenizer, on(round_data), run_dir / STATE_DIR / phase.name,
+                                  phase))
     if cp.epochs:
         clean = train_data.select(np.flatnonzero(train_data.with_format("numpy")["hand"]))
         accelerator.print(f"clean phase: {len(clean)} hand-labelled papers, {cp.epochs} epoch(s)")
         phase = Phase("clean", cp.epochs, cp.lr, cp.head_lr)
-        trained.rounds.append(fit(t, accelerator, model, tokenizer, clean, dev_data, dev_gold, tag_ids,
-                                  run_dir / STATE_DIR / phase.name, phase))
+        trained.rounds.append(fit(t, accelerator, model, tokenizer, on(clean), run_dir / STATE_DIR / phase.name, phase))
     backbone.model = model
     return trained
 

@@ -199,148 +199,227 @@ def check_resumable(state: Path, settings: Mapping[str, Any]) -> None:
                          "the settings it was made with, or train in a new run directory")
 
 
-def fit(
-    t: DictConfig,
-    accelerator: Accelerator,
-    model,
-    tokenizer,
-    train_data: Dataset,
-    dev_data: Dataset,
-    dev_gold: np.ndarray,
-    tag_ids: list[str],
-    state_root: Path,
-    phase: Phase,
-) -> FitResult:
-    """Fine-tune the prepared `model` on the soft `labels` of `train_data` (tokenised) for the phase's
-    epochs, or its `max_steps` optimizer steps where set (`t` is the trainer config: batches, loss,
-    schedule); score dev each epoch. States go to `state_root`, so a killed run continues with
-    trainer.resume=auto."""
-    train_loader = _loader(train_data, tokenizer, t.batch_size, True, t.num_workers)
-    dev_loader = _loader(dev_data, tokenizer, t.eval_batch_size, False, t.num_workers)
-    optimizer = _optimizer(model, phase.lr, phase.head_lr, t.weight_decay)
-    batches_per_epoch = math.ceil(len(train_data) / (t.batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
-    epochs = phase.epochs
-    total_batches = batches_per_epoch * epochs
-    if phase.max_steps is not None:
-        # A budget in optimizer steps: as many epochs as it takes, the last one possibly cut short.
-        full, rest = divmod(phase.max_steps, steps_per_epoch)
-        total_batches = full * batches_per_epoch + min(rest * t.grad_accum, batches_per_epoch)
-        epochs = math.ceil(total_batches / batches_per_epoch)
+@dataclass(frozen=True)
+class FitData:
+    """What `fit` trains on and scores each epoch: tokenised training papers (soft `labels`, `hand`)
+    and dev papers with their gold labels."""
 
-    def optimizer_steps(batches: int) -> int:
+    train: Dataset
+    dev: Dataset
+    dev_gold: np.ndarray
+    tag_ids: list[str]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many batches and optimizer steps a phase runs: its epochs, or `max_steps` optimizer steps
+    (as many epochs as it takes, the last possibly cut short)."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    grad_accum: int
+    total_batches: int
+    epochs: int
+
+    @classmethod
+    def make(cls, n_train: int, global_batch: int, grad_accum: int, phase: Phase) -> StepPlan:
+        batches_per_epoch = math.ceil(n_train / global_batch)
+        steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+        epochs, total_batches = phase.epochs, batches_per_epoch * phase.epochs
+        if phase.max_steps is not None:
+            full, rest = divmod(phase.max_steps, steps_per_epoch)
+            total_batches = full * batches_per_epoch + min(rest * grad_accum, batches_per_epoch)
+            epochs = math.ceil(total_batches / batches_per_epoch)
+        return cls(batches_per_epoch, steps_per_epoch, grad_accum, total_batches, epochs)
+
+    def optimizer_steps(self, batches: int) -> int:
         """Optimizer steps after `batches` batches; every epoch ends with a step (accumulation flushes)."""
-        done_epochs, rest = divmod(batches, batches_per_epoch)
-        return done_epochs * steps_per_epoch + math.ceil(rest / t.grad_accum)
+        done_epochs, rest = divmod(batches, self.batches_per_epoch)
+        return done_epochs * self.steps_per_epoch + math.ceil(rest / self.grad_accum)
 
-    total_steps = optimizer_steps(total_batches)
+    @property
+    def total_steps(self) -> int:
+        return self.optimizer_steps(self.total_batches)
 
-    # Accelerate steps a prepared scheduler once per process per optimizer step.
-    scheduler = get_scheduler(t.scheduler, optimizer,
-                              num_warmup_steps=int(t.warmup_ratio * total_steps) * accelerator.num_processes,
-                              num_training_steps=total_steps * accelerator.num_processes)
-    optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(optimizer, train_loader, dev_loader,
-                                                                         scheduler)
-    loss_fn = instantiate(t.loss, pos_weight=_pos_weight(t.pos_weight, tag_ids, train_data, t.pos_weight_cap))
-    loss_fn.to(accelerator.device)
+    def ends_epoch(self, batches: int) -> bool:
+        return batches % self.batches_per_epoch == 0 or batches == self.total_batches
 
-    done_batches = 0
-    resume_from = _latest_state(state_root) if t.resume == "auto" else (Path(t.resume) if t.resume else None)
-    # On resume, the history up to the state (steps, losses, epoch metrics, time) comes back with it, so
-    # the result (metrics.json, loss.png) covers the whole run, not only the part after the kill.
-    result = FitResult()
-    settings = shaping_settings(t, phase, len(train_data), accelerator.num_processes)
-    if resume_from is not None:
-        check_resumable(resume_from, settings)
-        accelerator.load_state(str(resume_from))
-        done_batches = int(resume_from.name.split("-")[1])
-        if (resume_from / HISTORY_FILE).is_file():
-            result = FitResult(**json.loads((resume_from / HISTORY_FILE).read_text()))
-        accelerator.print(f"resumed from {resume_from} (batch {done_batches} of {total_batches})")
-    elif t.resume == "auto":
-        accelerator.print(f"trainer.resume=auto: no state under {state_root}, starting fresh")
 
-    def check_finite(loss_value: float) -> None:
-        # A NaN/inf loss poisons every weight: stop before it is saved or exported.
-        if not math.isfinite(loss_value):
-            raise ValueError(f"training diverged: loss {loss_value} at optimizer step {optimizer_steps(done_batches)}"
-                             f" ({phase.name}: lr={phase.lr}, head_lr={phase.head_lr}); lower the learning rates")
+@dataclass
+class StateStore:
+    """The phase's training states under `root` (`batch-<N>/`, the newest `keep` kept), each saved with
+    the run's history and the settings it was made with, so a killed run continues where it was."""
 
-    def save_state(mid_epoch: bool = False) -> None:
-        check_finite(accelerator.reduce(loss.detach(), "mean").item())
-        partial = state_root / f".batch-{done_batches}.partial"
+    root: Path
+    keep: int
+    settings: dict[str, Any]
+
+    def resume_point(self, resume: str | None) -> Path | None:
+        if resume == "auto":
+            return _latest_state(self.root)
+        return Path(resume) if resume else None
+
+    def load(self, accelerator: Accelerator, state: Path) -> tuple[int, FitResult]:
+        """Load `state` into the prepared objects; (batches done, history up to it)."""
+        check_resumable(state, self.settings)
+        accelerator.load_state(str(state))
+        history = state / HISTORY_FILE
+        result = FitResult(**json.loads(history.read_text())) if history.is_file() else FitResult()
+        return int(state.name.split("-")[1]), result
+
+    def save(self, accelerator: Accelerator, batches: int, history: Mapping[str, Any]) -> None:
+        """Written as `.batch-N.partial`, then renamed: a kill mid-save leaves no state that looks whole."""
+        partial = self.root / f".batch-{batches}.partial"
         accelerator.save_state(str(partial))
         if accelerator.is_main_process:
-            history = result.history()
-            if mid_epoch:  # result.seconds is added up at epoch ends
-                history["seconds"] += time.perf_counter() - epoch_start
             (partial / HISTORY_FILE).write_text(json.dumps(history) + "\n")
-            (partial / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+            (partial / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=1) + "\n")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            final = state_root / f"batch-{done_batches}"
+            final = self.root / f"batch-{batches}"
             # A run resumed from an older state (trainer.resume=DIR) saves the same batches again.
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            # Older states beyond keep_states, and states a killed save left half-written.
-            for old in [*_states(state_root)[:-t.keep_states], *state_root.glob(".batch-*.partial")]:
+            # Older states beyond `keep`, and states a killed save left half-written.
+            for old in [*_states(self.root)[:-self.keep], *self.root.glob(".batch-*.partial")]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
-    global_batch = t.batch_size * accelerator.num_processes
-    bar = progress_bar(total=total_batches * global_batch, initial=done_batches * global_batch, unit="sample",
-                       unit_scale=True, disable=not accelerator.is_local_main_process)
-    model.train()
-    for epoch in range(done_batches // batches_per_epoch, epochs):
-        if done_batches >= total_batches:  # resumed from the state saved at the end of the budget
-            break
+
+def _check_finite(loss_value: float, step: int, phase: Phase) -> None:
+    # A NaN/inf loss poisons every weight: stop before it is saved or exported.
+    if not math.isfinite(loss_value):
+        raise ValueError(f"training diverged: loss {loss_value} at optimizer step {step}"
+                         f" ({phase.name}: lr={phase.lr}, head_lr={phase.head_lr}); lower the learning rates")
+
+
+def _evaluate_epoch(accelerator: Accelerator, model, dev_loader: DataLoader, data: FitData,
+                    epoch: int, epochs: int) -> dict[str, float]:
+    """The evaluation hook at each epoch end: dev micro/macro F1 at 0.5, logged and printed."""
+    m = score(predict_probs(accelerator, model, dev_loader) >= 0.5, data.dev_gold, data.tag_ids)
+    accelerator.print(f"epoch {epoch + 1}/{epochs}: dev micro-F1@0.5 {m.micro_f1:.3f} macro-F1@0.5 {m.macro_f1:.3f}")
+    return {"dev/micro_f1@0.5": m.micro_f1, "dev/macro_f1@0.5": m.macro_f1, "epoch": epoch + 1}
+
+
+class Trainer:
+    """One phase of fine-tuning: the prepared model, optimizer, schedule and loss; `fit` runs the step
+    plan, saving states to the store (resume continues from the newest) and scoring dev at each epoch
+    end (the evaluation hook)."""
+
+    def __init__(self, t: DictConfig, accelerator: Accelerator, model, tokenizer, data: FitData, state_root: Path,
+                 phase: Phase):
+        self.t, self.accelerator, self.model, self.data, self.phase = t, accelerator, model, data, phase
+        self.global_batch = t.batch_size * accelerator.num_processes
+        self.plan = StepPlan.make(len(data.train), self.global_batch, t.grad_accum, phase)
+        train_loader = _loader(data.train, tokenizer, t.batch_size, True, t.num_workers)
+        dev_loader = _loader(data.dev, tokenizer, t.eval_batch_size, False, t.num_workers)
+        optimizer = _optimizer(model, phase.lr, phase.head_lr, t.weight_decay)
+        # Accelerate steps a prepared scheduler once per process per optimizer step.
+        steps = self.plan.total_steps * accelerator.num_processes
+        scheduler = get_scheduler(t.scheduler, optimizer, num_training_steps=steps,
+                                  num_warmup_steps=int(t.warmup_ratio * self.plan.total_steps) * accelerator.num_processes)
+        self.optimizer, self.train_loader, self.dev_loader, self.scheduler = accelerator.prepare(
+            optimizer, train_loader, dev_loader, scheduler)
+        self.loss_fn = instantiate(t.loss, pos_weight=_pos_weight(t.pos_weight, data.tag_ids, data.train,
+                                                                  t.pos_weight_cap)).to(accelerator.device)
+        settings = shaping_settings(t, phase, len(data.train), accelerator.num_processes)
+        self.store = StateStore(state_root, t.keep_states, settings)
+        self.done_batches, self.result = 0, FitResult()
+
+    def resume(self) -> None:
+        """Continue from the store's state where `trainer.resume` asks for one. The history up to the
+        state (steps, losses, epoch metrics, time) comes back with it, so the result (metrics.json,
+        loss.png) covers the whole run, not only the part after the kill."""
+        state = self.store.resume_point(self.t.resume)
+        if state is not None:
+            self.done_batches, self.result = self.store.load(self.accelerator, state)
+            self.accelerator.print(f"resumed from {state} (batch {self.done_batches} of {self.plan.total_batches})")
+        elif self.t.resume == "auto":
+            self.accelerator.print(f"trainer.resume=auto: no state under {self.store.root}, starting fresh")
+
+    def train_step(self, batch) -> torch.Tensor:
+        accelerator, t = self.accelerator, self.t
+        with accelerator.accumulate(self.model):
+            targets, hand = batch.pop("labels"), batch.pop("hand", None)
+            logits = self.model(**batch).logits
+            loss = _weighted_mean(self.loss_fn(logits.float(), targets.float()), hand, t.hand_weight)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss
+
+    def save(self, loss: torch.Tensor, epoch_start: float | None = None) -> None:
+        _check_finite(self.accelerator.reduce(loss.detach(), "mean").item(),
+                      self.plan.optimizer_steps(self.done_batches), self.phase)
+        history = self.result.history()
+        if epoch_start is not None:  # mid-epoch: result.seconds is added up at epoch ends
+            history["seconds"] += time.perf_counter() - epoch_start
+        self.store.save(self.accelerator, self.done_batches, history)
+
+    def log_loss(self, loss: torch.Tensor, step: int, epoch: int, bar) -> None:
+        mean_loss = self.accelerator.reduce(loss.detach(), "mean").item()
+        _check_finite(mean_loss, step, self.phase)
+        self.result.steps.append(step)
+        self.result.losses.append(mean_loss)
+        self.accelerator.log({"train/loss": mean_loss, "train/lr": self.scheduler.get_last_lr()[0],
+                              "train/epoch": self.done_batches / self.plan.batches_per_epoch}, step=step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, refresh=False)
+
+    def run_epoch(self, epoch: int, bar) -> torch.Tensor:
+        """The epoch's batches from where the run stands; returns the last batch's loss."""
+        plan, t, accelerator = self.plan, self.t, self.accelerator
         epoch_start = time.perf_counter()
-        skip = done_batches - epoch * batches_per_epoch
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        skip = self.done_batches - epoch * plan.batches_per_epoch
+        loader = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
         # On the loader actually iterated: a skipping loader starts at epoch 0 and would reshuffle.
         loader.set_epoch(epoch)
         for batch in loader:
-            with accelerator.accumulate(model):
-                targets = batch.pop("labels")
-                hand = batch.pop("hand", None)
-                logits = model(**batch).logits
-                loss = _weighted_mean(loss_fn(logits.float(), targets.float()), hand, t.hand_weight)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            done_batches += 1
-            result.seen += len(targets) * accelerator.num_processes
-            bar.update(len(targets) * accelerator.num_processes)
+            n = len(batch["labels"]) * accelerator.num_processes
+            loss = self.train_step(batch)
+            self.done_batches += 1
+            self.result.seen += n
+            bar.update(n)
             if not accelerator.sync_gradients:
                 continue
-            step = optimizer_steps(done_batches)
-            last = done_batches % batches_per_epoch == 0 or done_batches == total_batches
-            if step % t.log_every == 0 or last:
-                mean_loss = accelerator.reduce(loss.detach(), "mean").item()
-                check_finite(mean_loss)
-                result.steps.append(step)
-                result.losses.append(mean_loss)
-                accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
-                                 "train/epoch": done_batches / batches_per_epoch}, step=step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, refresh=False)
-            if done_batches == total_batches:
+            step = plan.optimizer_steps(self.done_batches)
+            if step % t.log_every == 0 or plan.ends_epoch(self.done_batches):
+                self.log_loss(loss, step, epoch, bar)
+            if self.done_batches == plan.total_batches:
                 break
-            if t.save_every and step % t.save_every == 0 and done_batches % batches_per_epoch:
-                save_state(mid_epoch=True)
-        result.seconds += time.perf_counter() - epoch_start
-        # Scored before the state is saved, so a run resumed from this state draws the same random numbers.
-        probs = predict_probs(accelerator, model, dev_loader)
-        m = score(probs >= 0.5, dev_gold, tag_ids)
-        epoch_metrics = {"dev/micro_f1@0.5": m.micro_f1, "dev/macro_f1@0.5": m.macro_f1, "epoch": epoch + 1}
-        result.epoch_metrics.append(epoch_metrics)
-        result.epoch_steps.append(optimizer_steps(done_batches))
-        accelerator.log(epoch_metrics, step=result.epoch_steps[-1])
-        accelerator.print(f"epoch {epoch + 1}/{epochs}: dev micro-F1@0.5 {m.micro_f1:.3f} "
-                          f"macro-F1@0.5 {m.macro_f1:.3f}")
-        save_state()
-    bar.close()
-    result.samples_per_s = result.seen / result.seconds if result.seconds else 0.0
-    return result
+            if t.save_every and step % t.save_every == 0 and self.done_batches % plan.batches_per_epoch:
+                self.save(loss, epoch_start)
+        self.result.seconds += time.perf_counter() - epoch_start
+        return loss
+
+    def fit(self) -> FitResult:
+        self.resume()
+        plan, result = self.plan, self.result
+        bar = progress_bar(total=plan.total_batches * self.global_batch, initial=self.done_batches * self.global_batch,
+                           unit="sample", unit_scale=True, disable=not self.accelerator.is_local_main_process)
+        self.model.train()
+        for epoch in range(self.done_batches // plan.batches_per_epoch, plan.epochs):
+            if self.done_batches >= plan.total_batches:  # resumed from the state saved at the end of the budget
+                break
+            loss = self.run_epoch(epoch, bar)
+            result = self.result
+            # Scored before the state is saved, so a run resumed from it draws the same random numbers.
+            result.epoch_metrics.append(_evaluate_epoch(self.accelerator, self.model, self.dev_loader, self.data,
+                                                        epoch, plan.epochs))
+            result.epoch_steps.append(plan.optimizer_steps(self.done_batches))
+            self.accelerator.log(result.epoch_metrics[-1], step=result.epoch_steps[-1])
+            self.save(loss)
+        bar.close()
+        self.result.samples_per_s = self.result.seen / self.result.seconds if self.result.seconds else 0.0
+        return self.result
+
+
+def fit(t: DictConfig, accelerator: Accelerator, model, tokenizer, data: FitData, state_root: Path,
+        phase: Phase) -> FitResult:
+    """Fine-tune the prepared `model` on the soft `labels` of `data.train` (tokenised) for the phase's
+    epochs, or its `max_steps` optimizer steps where set (`t` is the trainer config: batches, loss,
+    schedule); score dev each epoch. States go to `state_root`, so a killed run continues with
+    trainer.resume=auto."""
+    return Trainer(t, accelerator, model, tokenizer, data, state_root, phase).fit()

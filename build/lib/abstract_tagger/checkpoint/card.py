@@ -1,0 +1,61 @@
+"""The checkpoint's model card (README.md): `model_card.md`, a Jinja template, filled from `CardFacts`
+through huggingface_hub's ModelCard, which also writes the Hub metadata header (base model, license,
+model-index). Imports data and training (the evaluation it reports)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from abstract_tagger.data.taxonomy import Taxonomy
+from abstract_tagger.training.evaluation import Evaluation
+
+TEMPLATE = Path(__file__).with_name("model_card.md")
+# The score table's rows: (SetScores field, what it is).
+ROWS = (("weak", "weak labels (all labelling functions, 0.5)"),
+        ("model_flat", "model alone, 0.5"),
+        ("model", "model alone, policy thresholds"),
+        ("shipped", "what predict.py ships"))
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the card says: the backbone as loaded, the corpus' counts ({sources: {name: n}, train: n,
+    held_out: {name: n}}), the labelling functions, the training settings and the run's evaluation."""
+
+    backbone: str
+    corpus: Mapping[str, Any]
+    functions: Sequence[str]
+    training: Mapping[str, Any]
+    evaluation: Evaluation
+    taxonomy: Taxonomy
+
+
+def _hub_id(backbone: str) -> str:
+    """The Hub id for `base_model`: the card's backbone name without its note ("... (bundled with ...)")."""
+    return backbone.split(" (", 1)[0]
+
+
+def _eval_results(evaluation: Evaluation) -> list[EvalResult]:
+    """Hub `model-index` results: what predict.py ships, on every gold set."""
+    return [EvalResult(task_type="text-classification", task_name="Multi-label research-area tagging",
+                       dataset_type="abstract-tagger-gold", dataset_name=f"gold {name}",
+                       dataset_split=name.split("/")[0], metric_type="f1", metric_name=f"{avg}-F1",
+                       metric_value=round(getattr(s.shipped, f"{avg}_f1"), 4), metric_args={"average": avg})
+            for name, s in evaluation.sets.items() for avg in ("micro", "macro")]
+
+
+def model_card(facts: CardFacts) -> str:
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="text-classification", license="apache-2.0",
+        base_model=_hub_id(facts.backbone), language=["en"], model_name="abstract-tagger",
+        tags=["multi-label-classification", "scientific-papers", "weak-supervision"],
+        eval_results=_eval_results(facts.evaluation))
+    card = ModelCard.from_template(data, template_path=str(TEMPLATE), rows=ROWS, backbone=facts.backbone,
+                                   corpus=facts.corpus, functions=list(facts.functions), training=facts.training,
+                                   evaluation=facts.evaluation, taxonomy=facts.taxonomy)
+    return str(card)

@@ -1,0 +1,98 @@
+"""What every backend shares: texts -> probabilities through `encode` and `logits`, batched by
+length, with papers near a threshold rescored exactly when a reduced precision ran. Imports
+inference.options; a backend module (torch_backend, onnx_backend) imports this one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from abstract_tagger.inference.options import predict_defaults
+
+_PAD_MULTIPLE = 8
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    # exp(-log(1 + e^-x)): no overflow warning for large |x|.
+    return np.exp(-np.logaddexp(0, -logits)).astype(np.float32)
+
+
+def logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+class Backend:
+    """Texts -> probabilities (n, tags). A subclass tokenizes (`encode`) and runs a batch (`logits`),
+    with `exact=False` in its fast reduced precision (`reduced` names it; None when it has none)."""
+
+    labels: list[str]
+    max_length: int
+    pad_id: int
+    batch_size: int
+    reduced: str | None
+    # Logit units: reduced precision moves a logit by a roughly constant amount wherever it lies, while
+    # the same move in probability shrinks towards 0 and 1 (a probability margin rechecks needlessly
+    # many papers under low thresholds).
+    recheck_margin: float
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, exact: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def fingerprint(self, h: Any) -> None:
+        """Feed what the scores depend on (the weights) into hashlib object `h`."""
+        raise NotImplementedError
+
+    def batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(row indices, input_ids, attention_mask) for `texts`: one tokenizer call, then batches of
+        similar length, longest first so the largest shape (and peak memory) comes in the first step."""
+        ids = self.encode(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            width = min(-(-int(lengths[rows[0]]) // _PAD_MULTIPLE) * _PAD_MULTIPLE, self.max_length)
+            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                input_ids[r, :lengths[i]] = ids[i]
+                mask[r, :lengths[i]] = 1
+            yield rows, input_ids, mask
+
+    def forward(self, texts: Sequence[str], exact: bool) -> np.ndarray:
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        for rows, input_ids, mask in self.batches(texts):
+            out[rows] = self.logits(input_ids, mask, exact)
+        return out
+
+    def probabilities(self, texts: Sequence[str], cut: np.ndarray | float) -> np.ndarray:
+        """The model's sigmoid scores, float32 (len(texts), tags), rows in input order. In reduced
+        precision, rows with a logit within `recheck_margin` of a threshold's logit (`cut`: one for
+        all, per tag, or per row and tag) are scored again exactly, so that reduced precision changes
+        speed, not tags."""
+        if not len(texts):
+            return np.empty((0, len(self.labels)), dtype=np.float32)
+        exact = self.reduced is None
+        out = sigmoid(self.forward(texts, exact=exact))
+        if not exact and self.recheck_margin > 0:
+            near = np.flatnonzero((np.abs(logit(out) - logit(cut)) < self.recheck_margin).any(axis=1))
+            if len(near):
+                out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True))
+        return out
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+def recheck_margin_for(reduced: str | None, margin: float | Mapping[str, float] | None) -> float:
+    """The margin for this precision: a number, a {precision: margin} mapping, or None for the config's."""
+    if margin is None:
+        margin = predict_defaults()["recheck_margin"]
+    if isinstance(margin, Mapping):
+        return float(margin.get(reduced, 0.0)) if reduced else 0.0
+    return float(margin)

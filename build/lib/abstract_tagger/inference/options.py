@@ -1,0 +1,95 @@
+"""Prediction options: their names, their defaults (`predict_defaults.yaml`, shipped in the package),
+their checks, and the choice of backend. Shared by predict.py and the Python API, so both accept and
+refuse the same values. Imports common and checkpoint (its format); never torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from abstract_tagger.checkpoint.format import ONNX_FP32, CheckpointError
+from abstract_tagger.common.config import fraction, is_number, plain, positive, require
+
+BACKENDS = ("auto", "onnx", "torch")
+# Per backend (torch: autocast dtypes; onnx: the fp32 graph or the int8 one); auto: the backend's best.
+TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ONNX_PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# The one home of the prediction defaults, shipped in the package: the Python API reads it, and
+# predict.py's config (conf/predict.yaml) takes it in through Hydra's search path.
+DEFAULTS_FILE = Path(__file__).with_name("predict_defaults.yaml")
+
+# The options predict.py and the Python API (Tagger, predict_file) share; both check them here.
+PREDICT_OPTIONS = ("backend", "precision", "batch_size", "chunk_size", "max_chars", "top_k", "num_threads",
+                   "threshold", "recheck_margin", "on_error")
+
+
+def check_predict_options(options: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the first of `options` (some of PREDICT_OPTIONS, plain values) that
+    cannot work: a negative batch size would leave rows of uninitialised scores, top_k=-1 would drop
+    the last tag, a threshold over 1 or NaN would tag nothing."""
+    unknown = sorted(set(options) - set(PREDICT_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown prediction option(s) {unknown}; expected some of {PREDICT_OPTIONS}")
+    for key in ("batch_size", "chunk_size", "max_chars"):
+        if key in options:
+            positive(key, options[key], integer=True)
+    for key in ("top_k", "num_threads"):
+        if key in options:
+            positive(key, options[key], integer=True, allow_none=True)
+    if "threshold" in options:
+        fraction("threshold", options["threshold"], allow_none=True)
+    checks = {"backend": BACKENDS, "on_error": ("raise", "skip"),
+              "precision": {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS}.get(options.get("backend"), PRECISIONS)}
+    for key, choices in checks.items():
+        if key in options:
+            require(options[key] in choices, key, f"must be one of {choices}", options[key])
+    if options.get("recheck_margin") is not None:
+        _check_margin(options["recheck_margin"], PRECISIONS)
+
+
+def _check_margin(margin: Any, precisions: tuple[str, ...]) -> None:
+    """In logit units: a number for every reduced precision, or {precision: margin}."""
+    margins = margin if isinstance(margin, Mapping) else {"": margin}
+    require(all(k in ("", *precisions) for k in margins) and all(
+        is_number(v) and 0 <= v < math.inf for v in margins.values()),
+        "recheck_margin", f"must be a number >= 0 or a mapping {{precision: number >= 0}} of {precisions[1:]}",
+        margin)
+
+
+@cache
+def predict_defaults() -> dict[str, Any]:
+    """The defaults of every option in PREDICT_OPTIONS, from predict_defaults.yaml."""
+    return {k: plain(v) for k, v in OmegaConf.load(DEFAULTS_FILE).items()}
+
+
+def _gpu_visible() -> bool:
+    """An NVIDIA GPU this process may use, found without importing torch (the ONNX path must not)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def choose_backend(backend: str, checkpoint: str | Path, device: str | None = None) -> str:
+    """"auto": ONNX Runtime on CPU when the checkpoint has its ONNX graphs, torch on a GPU (or without them)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has_onnx = (Path(checkpoint) / ONNX_FP32).is_file()
+    if backend == "onnx":
+        if not has_onnx:
+            raise CheckpointError(f"{checkpoint}: no {ONNX_FP32}; publish the checkpoint to get its ONNX graphs, "
+                                  "or use backend=torch")
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"backend=onnx runs on the CPU, not on {device}")
+        return "onnx"
+    if backend == "torch":
+        return "torch"
+    on_gpu = str(device).startswith("cuda") if device is not None else _gpu_visible()
+    return "onnx" if has_onnx and not on_gpu else "torch"
