@@ -4,6 +4,7 @@ fresh venv, run away from the checkout (its conf/ and src/ out of reach)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,9 +19,13 @@ CHECKPOINT = ROOT / "checkpoints/abstract-tagger-minilm"
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+    # Built from a copy: setuptools writes build/ beside the sources it builds.
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True)
+                    str(source)], check=True)
     return next(out.glob("abstract_tagger-*.whl"))
 
 
