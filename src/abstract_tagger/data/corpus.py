@@ -221,11 +221,12 @@ def _field_names(fields: Mapping[str, str] | None) -> dict[str, str]:
     return {**{name: name for name in FIELDS}, **(fields or {})}
 
 
-def _make_paper(
-    source: str, line: int, pid: Any, title: Any, abstract: Any, categories: Any, max_chars: int, id_prefix: str,
-    abstract_line: int | None = None,
-) -> Paper | Reject:
-    """`abstract_line`: where the abstract is, when not on the record's first line (the seed dump)."""
+def _make_paper(source: str, line: int, record: Mapping[str, Any], max_chars: int | None, id_prefix: str,
+                abstract_line: int | None = None) -> Paper | Reject:
+    """A Paper from `record`'s id, title, abstract and categories (each may be missing), or the Reject
+    naming what is wrong. `abstract_line`: where the abstract is, when not on the record's first line
+    (the seed dump)."""
+    pid, title, abstract, categories = (record.get(name) for name in FIELDS)
     texts = {}
     for name, value, at in (("title", title, line), ("abstract", abstract, abstract_line or line)):
         if value is None:
@@ -303,8 +304,8 @@ def read_seed_dump(path: str | Path, *, id_prefix: str = "seed", max_chars: int 
         raise CorpusError(source, body[-1][0], "unpaired trailing line: a title with no abstract line")
     for k in range(0, len(body), 2):
         (tline, title), (aline, abstract) = body[k], body[k + 1]
-        yield _make_paper(source, tline, f"{id_prefix}-{k // 2:03d}", title, abstract, None, max_chars, id_prefix,
-                          abstract_line=aline)
+        record = {"id": f"{id_prefix}-{k // 2:03d}", "title": title, "abstract": abstract}
+        yield _make_paper(source, tline, record, max_chars, id_prefix, abstract_line=aline)
 
 
 def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int | None = None,
@@ -342,10 +343,8 @@ def read_jsonl(path: str | Path, *, id_prefix: str = "jsonl", max_chars: int | N
                 if repeated:
                     yield Reject(source, lineno, f"key(s) {repeated} given more than once")
                     continue
-            yield _make_paper(
-                source, lineno, rec.get(names["id"]), rec.get(names["title"]), rec.get(names["abstract"]),
-                rec.get(names["categories"]), max_chars, id_prefix,
-            )
+            yield _make_paper(source, lineno, {name: rec.get(key) for name, key in names.items()}, max_chars,
+                              id_prefix)
 
 
 def _repeated_keys(text: str, used: Iterable[str]) -> list[str]:
@@ -441,8 +440,7 @@ def read_csv(path: str | Path, *, id_prefix: str = "csv", max_chars: int | None 
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 yield Reject(source, start, f"unparseable categories {values['categories'][:80]!r}")
                 continue
-            yield _make_paper(source, start, values["id"], values["title"], values["abstract"],
-                              values["categories"], max_chars, id_prefix)
+            yield _make_paper(source, start, values, max_chars, id_prefix)
 
 
 _READERS = {"seed": read_seed_dump, "jsonl": read_jsonl, "arxiv": read_jsonl, "csv": read_csv}

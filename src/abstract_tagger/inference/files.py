@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -247,78 +247,86 @@ class _OpenFiles:
             f.close()
 
 
-def _tag_chunks(tagger: Tagger, records: Iterable[Paper | Reject], run: _OpenFiles, rows: RowFormat, *,
-                chunk_size: int, shard: tuple[int, int], on_error: str, top_k: int | None,
-                threshold: float | None, progress: bool) -> None:
+@dataclass(frozen=True)
+class FileJob:
+    """How `predict_file` reads, tags and writes: predict.py's file options. max_chars, chunk_size and
+    on_error left None take the package's defaults (inference/predict_defaults.yaml). With
+    finalize=False the partial files and journal stay for `merge_parts`."""
+
+    format: str | None = None
+    fields: Mapping[str, str] | None = None
+    max_chars: int | None = None
+    chunk_size: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    on_error: str | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+    progress: bool = True
+    finalize: bool = True
+
+    def resolved(self) -> FileJob:
+        """Defaults filled in, every value checked (ConfigError naming the first bad one)."""
+        defaults = predict_defaults()
+        job = replace(self, **{k: defaults[k] for k in ("max_chars", "chunk_size", "on_error")
+                               if getattr(self, k) is None})
+        check_predict_options({k: getattr(job, k) for k in ("max_chars", "chunk_size", "on_error", "top_k",
+                                                            "threshold")})
+        check_shard(job.shard)
+        return job
+
+    def settings(self, tagger: Tagger, input: str | Path, rows: RowFormat) -> dict[str, Any]:
+        """What a resumed run must share with the partial run it continues."""
+        return {
+            "input": str(input), "format": self.format, "chunk_size": self.chunk_size, "shard": list(self.shard),
+            "csv": rows.csv, "labels": tagger.labels, "top_k": self.top_k, "threshold": self.threshold,
+            # Contents, not names: a file replaced at the same path, or another checkpoint, must not be
+            # resumed into. Stdin cannot be fingerprinted before it is read.
+            "input_content": None if str(input) == "-" else file_digest(input),
+            "checkpoint_weights": _weights_digest(tagger),
+        }
+
+
+def _tag_chunks(tagger: Tagger, records: Iterable[Paper | Reject], run: _OpenFiles, rows: RowFormat,
+                job: FileJob) -> None:
     """Tag this shard's chunks that the partial run has not finished, committing each as it is done."""
-    index, count = shard
-    bar = progress_bar(unit="abstract", unit_scale=True, disable=not progress, initial=run.stats.read)
+    index, count = job.shard
+    bar = progress_bar(unit="abstract", unit_scale=True, disable=not job.progress, initial=run.stats.read)
     try:
-        for k, chunk in enumerate(batched(records, chunk_size)):
+        for k, chunk in enumerate(batched(records, job.chunk_size)):
             if k % count != index or k // count < run.done:
                 continue
             papers = [r for r in chunk if isinstance(r, Paper)]
             rejects = [r for r in chunk if isinstance(r, Reject)]
-            if rejects and on_error == "raise":
+            if rejects and job.on_error == "raise":
                 first = rejects[0]
                 raise CorpusError(first.source, first.line, first.reason)
-            scores = tagger.scores(papers, threshold=threshold)
-            tags = tagger.decide(scores, top_k=top_k, threshold=threshold)
+            scores = tagger.scores(papers, threshold=job.threshold)
+            tags = tagger.decide(scores, top_k=job.top_k, threshold=job.threshold)
             run.commit(rows.rows([p.id for p in papers], tags, scores), rejects, k, len(papers))
             bar.update(len(chunk))
     finally:
         bar.close()
 
 
-def predict_file(
-    tagger: Tagger,
-    input: str | Path,
-    output: str | Path,
-    *,
-    format: str | None = None,
-    fields: Mapping[str, str] | None = None,
-    max_chars: int | None = None,
-    chunk_size: int | None = None,
-    shard: tuple[int, int] = (0, 1),
-    resume: bool = False,
-    on_error: str | None = None,
-    top_k: int | None = None,
-    threshold: float | None = None,
-    progress: bool = True,
-    finalize: bool = True,
-) -> PredictStats:
-    """Tag every paper of `input` into `output` (JSON lines, or CSV for a `.csv` name), in input order.
+def predict_file(tagger: Tagger, input: str | Path, output: str | Path, **options: Any) -> PredictStats:
+    """Tag every paper of `input` into `output` (JSON lines, or CSV for a `.csv` name), in input order;
+    `options` are FileJob's.
 
     Every input record ends up as an output row or, with on_error="skip", a line of
     `<output>.rejects.jsonl`; on_error="raise" stops at the first bad record with file:line: reason.
-    With finalize=False the partial files and journal stay for `merge_parts`. max_chars, chunk_size and
-    on_error left None take the package's defaults (inference/predict_defaults.yaml).
     """
-    given = {"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error}
-    max_chars, chunk_size, on_error = (predict_defaults()[k] if v is None else v for k, v in given.items())
-    check_predict_options({"max_chars": max_chars, "chunk_size": chunk_size, "on_error": on_error, "top_k": top_k,
-                           "threshold": threshold})
+    job = FileJob(**options).resolved()
     check_output(input, output)
-    check_shard(shard)
     files = OutputFiles(Path(output))
     rows = RowFormat.for_path(files.output, tagger.labels)
-    index, count = shard
-    settings = {
-        "input": str(input), "format": format, "chunk_size": chunk_size, "shard": [index, count],
-        "csv": rows.csv, "labels": tagger.labels, "top_k": top_k, "threshold": threshold,
-        # Contents, not names: a file replaced at the same path, or another checkpoint, must not be
-        # resumed into. Stdin cannot be fingerprinted before it is read.
-        "input_content": None if str(input) == "-" else file_digest(input),
-        "checkpoint_weights": _weights_digest(tagger),
-    }
     # Stdin has no name to guess a format from; JSON lines is the pipe-friendly one.
-    fmt = format or ("jsonl" if str(input) == "-" else None)
-    records = read_source(input, fmt, max_chars=max_chars, **({"fields": dict(fields)} if fields else {}))
+    fmt = job.format or ("jsonl" if str(input) == "-" else None)
+    records = read_source(input, fmt, max_chars=job.max_chars, **({"fields": dict(job.fields)} if job.fields else {}))
     with exclusive(files.output):
-        run = _OpenFiles(files, rows, settings, resume)
+        run = _OpenFiles(files, rows, job.settings(tagger, input, rows), job.resume)
         try:
-            _tag_chunks(tagger, records, run, rows, chunk_size=chunk_size, shard=shard, on_error=on_error,
-                        top_k=top_k, threshold=threshold, progress=progress)
+            _tag_chunks(tagger, records, run, rows, job)
         except Exception:
             # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
             run.close()
@@ -326,9 +334,9 @@ def predict_file(
             raise
         finally:
             run.close()
-        if finalize:
+        if job.finalize:
             files.finalize(run.stats.rejected)
-    if not run.stats.read and index == 0:
+    if not run.stats.read and job.shard[0] == 0:
         log.warning("%s: no records (empty input); %s is empty", input, files.output)
     return run.stats
 
@@ -427,8 +435,7 @@ def predict_from_config(cfg: Any) -> PredictStats:
     stats = predict_file(
         tagger, cfg.input, target, format=cfg.format, fields=cfg.fields, max_chars=cfg.max_chars,
         chunk_size=cfg.chunk_size, shard=shard, resume=cfg.resume, on_error=cfg.on_error, top_k=cfg.top_k,
-        threshold=cfg.threshold, progress=cfg.progress and state.is_local_main_process, finalize=not multi,
-    )
+        threshold=cfg.threshold, progress=cfg.progress and state.is_local_main_process, finalize=not multi)
     if multi:
         state.wait_for_everyone()
         if not state.is_main_process:
@@ -442,8 +449,6 @@ def predict_from_config(cfg: Any) -> PredictStats:
 
 def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-
-
 
 
 def validate_predict(cfg: DictConfig) -> None:
