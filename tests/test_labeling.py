@@ -122,8 +122,27 @@ def test_embedding_margins_per_tag(taxonomy, labeling_cfg):
 def test_build_functions_rejects_unknown_function(taxonomy, labeling_cfg):
     with pytest.raises(ValueError, match="unknown function"):
         build_functions(taxonomy, {**labeling_cfg, "functions": ["keywords", "oracle"]})
+    with pytest.raises(ValueError, match="names a function twice"):
+        build_functions(taxonomy, {**labeling_cfg, "functions": ["keywords", "keywords"]})
     rules = build_functions(taxonomy, {**labeling_cfg, "functions": ["keywords", "arxiv"]})
     assert rules.names == ["keyword_title", "keyword_abstract", "arxiv"]
+
+
+def test_a_registered_function_votes_from_config(taxonomy, labeling_cfg, monkeypatch):
+    """Adding a labelling function is one class and one registry entry: the config names it."""
+    from abstract_tagger.labeling import functions
+
+    class Everything:
+        names = ["everything"]
+
+        def __call__(self, papers):
+            return np.full((len(papers), 1, len(taxonomy)), POSITIVE, dtype=np.int8)
+
+    monkeypatch.setitem(functions.FUNCTIONS, "everything", lambda taxonomy, cfg, encoder: Everything())
+    lfs = build_functions(taxonomy, {**labeling_cfg, "functions": ["arxiv", "everything"]})
+    assert lfs.names == ["arxiv", "everything"]
+    votes = lfs([Paper(id=str(i), title="A title", abstract="An abstract.") for i in range(3)])
+    assert votes.shape == (3, 2, len(taxonomy)) and (votes[:, 1] == POSITIVE).all()
 
 
 def synthetic_votes(n=4000, accuracies=(0.92, 0.85, 0.75, 0.7, 0.6), coverage=0.7, prior=0.3, seed=0):

@@ -135,6 +135,13 @@ def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):
         tiny_onnx_checkpoint / "model.safetensors").stat().st_size
 
 
+def test_every_backend_name_has_a_loader():
+    from abstract_tagger.inference.options import BACKENDS
+    from abstract_tagger.inference.tagger import BACKEND_LOADERS
+
+    assert BACKENDS == ("auto", *BACKEND_LOADERS)
+
+
 def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
     from abstract_tagger.inference import options
 

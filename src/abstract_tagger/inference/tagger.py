@@ -71,6 +71,23 @@ def _as_items(items: Any) -> list[Any]:
     return list(items)
 
 
+def _onnx(path: Path, device: str | None, options: dict[str, Any]) -> Backend:
+    from abstract_tagger.inference.backends.onnx_backend import OnnxBackend  # here: torch-free, and only if chosen
+
+    return OnnxBackend.load(path, **options)
+
+
+def _torch(path: Path, device: str | None, options: dict[str, Any]) -> Backend:
+    from abstract_tagger.inference.backends.torch_backend import TorchBackend  # here: the ONNX path never loads torch
+
+    return TorchBackend.load(path, device=device, **options)
+
+
+# The backends by the name `backend=` takes (inference.options.BACKENDS, besides auto): a new one is a
+# Backend subclass and one entry here.
+BACKEND_LOADERS = {"onnx": _onnx, "torch": _torch}
+
+
 class Tagger:
     """An exported checkpoint ready to tag: `Tagger.from_pretrained(dir).predict(texts)`."""
 
@@ -94,15 +111,7 @@ class Tagger:
         options = {k: predict_defaults()[k] if v is None else v for k, v in given.items()}
         check_predict_options(options)
         path = check_checkpoint(path)
-        chosen = choose_backend(options.pop("backend"), path, device)
-        if chosen == "onnx":
-            from abstract_tagger.inference.backends.onnx_backend import OnnxBackend
-
-            model = OnnxBackend.load(path, **options)
-        else:
-            from abstract_tagger.inference.backends.torch_backend import TorchBackend
-
-            model = TorchBackend.load(path, device=device, **options)
+        model = BACKEND_LOADERS[choose_backend(options.pop("backend"), path, device)](path, device, options)
         thresholds = load_thresholds(path, model.labels)
         blend = load_rules(path, model.labels)
         return cls(model, thresholds, blend=blend)

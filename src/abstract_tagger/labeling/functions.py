@@ -9,7 +9,7 @@ abstain, so that the label model is not taught that "no rule fired" means "certa
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -216,18 +216,24 @@ class LabelingFunctions:
         return np.concatenate([f(papers) for f in self.functions], axis=1)
 
 
+# The labelling functions by the name `labeling.functions` lists them under: name -> builder(taxonomy,
+# labeling config, encoder factory). A new function is one class and one entry here (and its settings,
+# if any, in conf/labeling/).
+FUNCTIONS: dict[str, Callable[[Taxonomy, Mapping[str, Any], Callable[[], Any]], Any]] = {
+    "keywords": lambda taxonomy, cfg, encoder: KeywordFunctions(taxonomy, cfg["keywords"]["min_abstract_hits"]),
+    "arxiv": lambda taxonomy, cfg, encoder: ArxivFunction(taxonomy),
+    "embedding": lambda taxonomy, cfg, encoder: EmbeddingFunction(taxonomy, encoder(), cfg["embedding"]["margins"]),
+}
+
+
 def build_functions(taxonomy: Taxonomy, cfg: Mapping[str, Any], encoder_factory: Any = None) -> LabelingFunctions:
-    """`cfg` is `labeling`; `encoder_factory()` builds the sentence encoder, only when the
-    embedding function is enabled (rule-only runs never load torch models)."""
+    """`cfg` is `labeling`: its `functions`, in the order they vote. `encoder_factory()` builds the
+    sentence encoder, only when the embedding function is enabled (rule-only runs never load torch
+    models)."""
     enabled = list(cfg["functions"])
-    unknown = sorted(set(enabled) - {"keywords", "arxiv", "embedding"})
+    unknown = sorted(set(enabled) - set(FUNCTIONS))
     if unknown:
-        raise ValueError(f"labeling.functions: unknown function(s) {unknown}; use keywords, arxiv, embedding")
-    functions: list[Any] = []
-    if "keywords" in enabled:
-        functions.append(KeywordFunctions(taxonomy, cfg["keywords"]["min_abstract_hits"]))
-    if "arxiv" in enabled:
-        functions.append(ArxivFunction(taxonomy))
-    if "embedding" in enabled:
-        functions.append(EmbeddingFunction(taxonomy, encoder_factory(), cfg["embedding"]["margins"]))
-    return LabelingFunctions(functions)
+        raise ValueError(f"labeling.functions: unknown function(s) {unknown}; use {', '.join(FUNCTIONS)}")
+    if len(set(enabled)) < len(enabled):
+        raise ValueError(f"labeling.functions: {enabled} names a function twice")
+    return LabelingFunctions([FUNCTIONS[name](taxonomy, cfg, encoder_factory) for name in enabled])
