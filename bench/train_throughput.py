@@ -26,11 +26,11 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
-from abstract_tagger.training import loop as training  # noqa: E402
 from abstract_tagger.common.config import register_resolvers  # noqa: E402
-from abstract_tagger.common.runtime import cpu_description  # noqa: E402
+from abstract_tagger.common.cpu import cpu_description  # noqa: E402
 from abstract_tagger.data.corpus import read_corpus  # noqa: E402
 from abstract_tagger.data.taxonomy import Taxonomy  # noqa: E402
+from abstract_tagger.training import loop as training  # noqa: E402
 from abstract_tagger.training.backbone import load_backbone  # noqa: E402
 from abstract_tagger.training.data import papers_dataset  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Tagger on a tiny BERT trained a few steps here, plus the published checkpoint with plain transformers."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -142,9 +143,31 @@ def test_every_backend_name_has_a_loader():
     assert BACKENDS == ("auto", *BACKEND_LOADERS)
 
 
-def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
+@pytest.mark.parametrize("flags, gpu, graphs, expected", [
+    ({"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}, False, True, "torch"),  # Intel with AMX
+    ({"avx512_bf16", "avx512_vnni"}, False, True, "onnx"),    # AMD EPYC; Intel with AMX not exposed
+    ({"avx2"}, False, True, "onnx"),                           # no bf16 instructions at all
+    ({"avx512_bf16", "avx512_vnni"}, True, True, "torch"),    # a GPU
+    ({"avx512_bf16", "avx512_vnni"}, False, False, "torch"),  # no ONNX graphs (an unpublished checkpoint)
+])
+def test_auto_backend_by_cpu_features(flags, gpu, graphs, expected, tiny_checkpoint, tiny_onnx_checkpoint,
+                                      monkeypatch, caplog):
+    from abstract_tagger.common import cpu
     from abstract_tagger.inference import options
 
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", flags))
+    monkeypatch.setattr(options, "_gpu_visible", lambda: gpu)
+    with caplog.at_level(logging.INFO, logger="abstract_tagger.inference.options"):
+        chosen = choose_backend("auto", tiny_onnx_checkpoint if graphs else tiny_checkpoint)
+    assert chosen == expected
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"backend=auto: {expected}"]
+
+
+def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
+    from abstract_tagger.common import cpu
+    from abstract_tagger.inference import options
+
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", {"avx512_bf16"}))
     monkeypatch.setattr(options, "_gpu_visible", lambda: False)
     assert choose_backend("auto", tiny_onnx_checkpoint) == "onnx"
     assert choose_backend("auto", tiny_checkpoint) == "torch"  # no ONNX graphs: torch, as before publishing

@@ -8,9 +8,10 @@ import logging
 import os
 import time
 from functools import cache
-from pathlib import Path
 
 import torch
+
+from abstract_tagger.common.cpu import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -25,33 +26,6 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=cpu_launch())
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    """The CPU's model name and flags (Linux); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "", set()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    strip = {k.strip(): v.strip() for k, v in fields.items()}
-    return strip.get("model name", ""), set(strip.get("flags", "").split())
-
-
-def cpu_description() -> str:
-    """What a speed figure was measured on, e.g. "Intel(R) Xeon(R) Processor, 2 cores, AVX512-BF16, VNNI, no AMX"."""
-    name, flags = _cpuinfo()
-    features = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("avx512_vnni", "VNNI")) if flag in flags]
-    features.append("AMX" if "amx_bf16" in flags else "no AMX")
-    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores, {', '.join(features)}"
-
-
-@cache
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 instructions exist (not emulated). Whether they beat fp32 varies by
-    CPU, hence `cpu_bf16_speedup`."""
-    flags = _cpuinfo()[1]
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # bf16 must beat fp32 by this much to be chosen: the probe's noise must not flip the choice (and with
