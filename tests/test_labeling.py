@@ -282,9 +282,11 @@ def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
     from abstract_tagger.labeling import embedding
     from abstract_tagger.labeling.weak_labels import make_encoder
 
-    cfg = {"model_path": "bundled-minilm", "batch_size": 8, "bf16": True}
+    cfg = {"model_path": "bundled-minilm", "batch_size": 8, "precision": "bf16"}
     before = make_encoder(cfg, tmp_path).cache.folder
     assert make_encoder(cfg, tmp_path).cache.folder == before
+    # bf16 and fp32 vectors differ slightly: each precision has its own store.
+    assert make_encoder({**cfg, "precision": "fp32"}, tmp_path).cache.folder != before
     edited = tmp_path / "embedding.py"
     edited.write_bytes(Path(embedding.__file__).read_bytes() + b"\n# changed\n")
     monkeypatch.setattr(embedding, "__file__", str(edited))

@@ -28,5 +28,6 @@ def validate_label(cfg: DictConfig) -> None:
     _validate_data(cfg)
     one_of(cfg, "labeling.model", LABEL_MODELS)
     fraction_at(cfg, "labeling.threshold")
+    one_of(cfg, "labeling.embedding.precision", ("auto", "bf16", "fp32"))
     for key in ("labeling.chunk_size", "labeling.fit_max_records"):
         positive_at(cfg, key, integer=True)

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from abstract_tagger.common.bundled import resolve_path
 from abstract_tagger.common.files import file_digest, write_atomic
-from abstract_tagger.common.runtime import process_state
+from abstract_tagger.common.runtime import fast_precision, process_state
 from abstract_tagger.data.corpus import CorpusStats, Paper, batched, read_corpus, read_gold_sets
 from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling import embedding
@@ -176,13 +177,15 @@ class WeakLabels:
 def make_encoder(cfg: Mapping[str, Any], cache_dir: Path, device: Any = "cpu") -> SentenceEncoder:
     """`cfg` is `labeling.embedding`; `device`: this process's (a rank's GPU under a launcher)."""
     model_path = resolve_path(cfg["model_path"])
+    precision = cfg["precision"]
+    # auto: bf16 where this hardware runs it faster than fp32 (measured on CPU), else fp32.
+    bf16 = (fast_precision(torch.device(device).type) if precision == "auto" else precision) == "bf16"
     # One store per model, precision (bf16 and fp32 vectors differ slightly) and encoder code, so
     # vectors an earlier version of the encoder computed are never served.
     code = Path(embedding.__file__).read_bytes()
-    tag = hashlib.blake2b(f"{model_path}|bf16={cfg['bf16']}|".encode() + code, digest_size=6).hexdigest()
+    tag = hashlib.blake2b(f"{model_path}|bf16={bf16}|".encode() + code, digest_size=6).hexdigest()
     cache = EmbeddingCache(cache_dir / "embeddings" / tag)
-    return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=cfg["bf16"], cache=cache,
-                           device=str(device))
+    return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=bf16, cache=cache, device=str(device))
 
 
 def _code_digest() -> str:
