@@ -134,3 +134,10 @@ def test_functions_within_size_limits():
 def test_stage_init_says_what_it_is_for(stage):
     doc = ast.get_docstring(ast.parse((SRC / PACKAGE / stage / "__init__.py").read_text()))
     assert doc and "import" in doc.lower(), f"{stage}/__init__.py: say what the stage is for and what it may import"
+
+
+def test_tests_mirror_the_stages():
+    """tests/<stage>/ for a stage's own tests; cross-stage ones (bad input, bad runs, layout, wheel) at the top."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders and folders <= set(STAGES), f"test folders that are not stages: {folders - set(STAGES)}"

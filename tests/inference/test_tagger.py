@@ -20,7 +20,7 @@ from abstract_tagger.data.corpus import Paper
 from abstract_tagger.inference.backends.base import logit, sigmoid
 from abstract_tagger.inference.options import choose_backend
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "checkpoints/abstract-tagger-minilm"
+PUBLISHED = Path(__file__).resolve().parents[2] / "checkpoints/abstract-tagger-minilm"
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
