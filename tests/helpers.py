@@ -237,3 +237,31 @@ def run_publish(*overrides: str) -> None:
         cfg = compose("publish", overrides=list(overrides))
     with exit_on_error(logging.getLogger("publish")):
         publish_from_config(cfg)
+
+
+# --- model card facts -------------------------------------------------------------------------------
+
+TRAINING = {"epochs": 2, "loss": "BCE", "pos_weight": None, "hand_papers": 0, "hand_weight": 1.0,
+            "clean_phase_epochs": 0, "self_training_rounds": 0, "self_training_epochs": 1,
+            "self_training_model_weight": 0.3, "batch_size": 32, "max_length": 128, "lr": 1e-4, "head_lr": 2e-3,
+            "precision": "fp32", "seed": 0, "threshold_folds": 5}
+
+
+def card_facts(taxonomy, **training):
+    """CardFacts of a made-up run (scores 0.7-0.83), with `training` settings overridden."""
+    from abstract_tagger.checkpoint.card import CardFacts
+    from abstract_tagger.common.bundled import BUNDLED_MINILM, describe
+    from abstract_tagger.metrics import Scores
+    from abstract_tagger.training.evaluation import Evaluation, SetScores
+
+    def scores(f1: float) -> Scores:
+        return Scores(f1, f1 - 0.1, f1, f1, {}, 10)
+
+    sets = {"dev": SetScores(scores(0.8), scores(0.81), scores(0.82), scores(0.83)),
+            "test/recent": SetScores(scores(0.7), scores(0.71), scores(0.72), scores(0.73))}
+    evaluation = Evaluation(sets=sets, dev_in_sample=scores(0.9), threshold_policy="flat",
+                            policy_candidates={"flat": 0.8}, blend_weight=0.4, blend_candidates={0.0: 0.7, 0.4: 0.75},
+                            thresholds={t: 0.5 for t in taxonomy.ids})
+    return CardFacts(backbone=describe(BUNDLED_MINILM), corpus={"sources": {"recent": 100}, "train": 90,
+                     "held_out": {"dev/seed": 5}}, functions=["keywords", "arxiv"], training={**TRAINING, **training},
+                     evaluation=evaluation, taxonomy=taxonomy)

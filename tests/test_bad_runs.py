@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from helpers import (
     Killed,
+    card_facts,
     fit,
     labelled_dataset,
     make_cfg,
@@ -250,9 +251,10 @@ def test_7_export_clears_what_a_killed_export_left(tiny_checkpoint, taxonomy, tm
 
 
 @pytest.fixture
-def published(tiny_checkpoint, tmp_path):
+def published(tiny_checkpoint, tmp_path, taxonomy):
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, run / "checkpoint")
+    card_facts(taxonomy).save(run / "card.json")
     out = tmp_path / "checkpoints"
     (out / "tiny").mkdir(parents=True)
     (out / "tiny/model.safetensors").write_bytes(b"the published weights")

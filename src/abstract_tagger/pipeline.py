@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig
 
-from abstract_tagger.checkpoint.card import CardFacts, model_card
+from abstract_tagger.checkpoint.card import FACTS_FILE, CardFacts, model_card
 from abstract_tagger.checkpoint.export import export_checkpoint
 from abstract_tagger.common.config import require
 from abstract_tagger.data.corpus import Paper, read_gold, read_gold_sets
@@ -184,7 +184,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluation = evaluate_run(cfg, data.split, probs, shipped, pool_weak, blend.weight if blend else 0.0,
                                   weights, tag_ids)
         outcome = Outcome(taxonomy, weak, data, trained, Pool(papers, pool_weak, probs, shipped), evaluation, blend)
-        checkpoint = export(cfg, accelerator, outcome, run_dir / "checkpoint")
+        facts = card_facts(cfg, accelerator, outcome)
+        checkpoint = export(cfg, accelerator, outcome, model_card(facts), run_dir / "checkpoint")
+        facts.save(run_dir / FACTS_FILE)
         review(cfg, outcome, run_dir / "review.jsonl")
         summary = report(cfg, accelerator, outcome, checkpoint, run_dir)
     accelerator.wait_for_everyone()
@@ -235,10 +237,14 @@ def _precision(accelerator: Accelerator) -> str:
     return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
 
 
+def corpus_counts(outcome: Outcome) -> dict[str, Any]:
+    data = outcome.data
+    return {"sources": {n: s["kept"] for n, s in outcome.weak.report["corpus"]["per_source"].items()},
+            "train": len(data.train), "held_out": {n: len(r) for n, r in data.split.sets.items()}}
+
+
 def card_facts(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome) -> CardFacts:
     t, data = cfg.trainer, outcome.data
-    corpus = {"sources": {n: s["kept"] for n, s in outcome.weak.report["corpus"]["per_source"].items()},
-              "train": len(data.train), "held_out": {n: len(r) for n, r in data.split.sets.items()}}
     training = {"epochs": t.epochs, "loss": t.loss._target_.rsplit(".", 1)[-1], "pos_weight": t.pos_weight,
                 "hand_papers": data.n_hand, "hand_weight": t.hand_weight, "clean_phase_epochs": t.clean_phase.epochs,
                 "self_training_rounds": t.self_training.rounds,
@@ -246,17 +252,17 @@ def card_facts(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome) -> C
                 "batch_size": t.batch_size * accelerator.num_processes * t.grad_accum,
                 "max_length": cfg.model.max_length, "lr": t.lr, "head_lr": t.head_lr or t.lr,
                 "precision": _precision(accelerator), "seed": cfg.seed, "threshold_folds": cfg.thresholds.folds}
-    return CardFacts(backbone=outcome.trained.backbone.source, corpus=corpus, functions=outcome.weak.report["functions"],
+    return CardFacts(backbone=outcome.trained.backbone.source, corpus=corpus_counts(outcome),
+                     functions=outcome.weak.report["functions"],
                      training=training, evaluation=outcome.evaluation, taxonomy=outcome.taxonomy)
 
 
-def export(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, out_dir: Path) -> Path:
+def export(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, card: str, out_dir: Path) -> Path:
     """The checkpoint, its weights in `export.dtype`."""
     model = accelerator.unwrap_model(outcome.trained.backbone.model).to(getattr(torch, cfg.export.dtype))
     return export_checkpoint(model, outcome.trained.backbone.tokenizer, out_dir,
                              thresholds=outcome.evaluation.thresholds, taxonomy=outcome.taxonomy,
-                             max_length=cfg.model.max_length, card=model_card(card_facts(cfg, accelerator, outcome)),
-                             blend=outcome.blend)
+                             max_length=cfg.model.max_length, card=card, blend=outcome.blend)
 
 
 def _charts(accelerator: Accelerator, outcome: Outcome, run_dir: Path) -> None:
@@ -294,7 +300,7 @@ def report(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, checkpoi
         "checkpoint": str(checkpoint),
         "backbone": trained.backbone.source,
         "fell_back": trained.backbone.fell_back,
-        "corpus": card_facts(cfg, accelerator, outcome).corpus,
+        "corpus": corpus_counts(outcome),
         "train_seconds": round(trained.seconds, 1),
         "train_samples_per_s": round(trained.samples_per_s, 2),
         "precision": _precision(accelerator),

@@ -7,8 +7,8 @@ point, calls `publish_from_config`):
 Copies RUN_DIR/checkpoint with the weights cast to fp16 safetensors (half the size; scores move by
 less than `max_score_diff`, which is checked on the taxonomy's tag descriptions), adds its ONNX graphs
 (fp32 and int8, see `onnx_export`), refuses a graph whose tags differ from torch fp32's on more than
-`max_disagreement` of the dev papers and anything over `max_mb`, adds that agreement to the model
-card (whose Hub header training wrote), then swaps the finished directory into `out_dir/name` by
+`max_disagreement` of the dev papers and anything over `max_mb`, renders the model card again
+from the facts training saved (`card.json` in the run directory) with that agreement, then swaps the finished directory into `out_dir/name` by
 rename, so readers never see a half-written checkpoint. Options and defaults: conf/publish.yaml.
 `push_to_hub=true` uploads it with huggingface_hub; `dry_run=true` does the re-export and its checks
 in a temporary directory, leaving `out_dir/name` as it is, and only
@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from abstract_tagger.checkpoint.card import FACTS_FILE, CardFacts, OnnxFacts, model_card
 from abstract_tagger.checkpoint.format import (
     CARD_FILE,
     THRESHOLDS_FILE,
@@ -106,32 +108,10 @@ def onnx_agreement(checkpoint: Path, texts: Sequence[str]) -> dict[str, dict[str
     return report
 
 
-def onnx_card(card: str, *, agreement: Mapping[str, Mapping], n_dev: int, max_disagreement: float) -> str:
-    """The model card with its ONNX section (replaced if there is one); its header, which training
-    wrote (license, base_model, model-index), is kept as it is."""
-    table = "\n".join(f"| {label} | {a['same_tags']:.1%} | {a['max_score_diff']:.2g} |"
-                      for label, a in agreement.items())
-    return card.split("\n## ONNX Runtime\n")[0].rstrip("\n") + f"""
-
-## ONNX Runtime
-
-`model.onnx` (fp32, fused by ONNX Runtime's transformer optimizer, exact GELU) and
-`model_quantized.onnx` (MatMuls int8, dynamic, per channel; embeddings, pooler and classifier fp32)
-read their shared weights from `model.safetensors`, so keep the files together. `abstract_tagger`'s
-`Tagger` and `predict.py` use them on CPU without torch (`backend=auto|onnx|torch`); under int8,
-papers with a logit near a threshold are rescored with the fp32 graph. Against torch fp32 on the
-{n_dev} gold-dev papers, each as `predict.py` runs it (with the rule blend where there is one; a
-graph over {max_disagreement:.1%} disagreement is not published):
-
-| graph | same tag set as torch fp32 | largest score change |
-|---|---|---|
-{table}
-"""
-
-
 def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max_score_diff: float,
             max_disagreement: float, dev_sets: Mapping[str, Mapping[str, Any]]) -> Path:
     src = check_checkpoint(run_dir / "checkpoint")
+    facts = CardFacts.load(run_dir / FACTS_FILE)  # the card is rendered again, with its ONNX section
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dest, tmp = out_dir / name, out_dir / f".{name}.tmp-{os.getpid()}"
@@ -157,9 +137,8 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         if bad:
             raise ValueError(f"ONNX graph(s) {bad} disagree with torch fp32 on more than "
                              f"max_disagreement={max_disagreement} of the dev papers")
-        card = (tmp / CARD_FILE).read_text() if (tmp / CARD_FILE).is_file() else ""
-        (tmp / CARD_FILE).write_text(onnx_card(card, agreement=agreement, n_dev=len(texts),
-                                                 max_disagreement=max_disagreement))
+        onnx = OnnxFacts(agreement=agreement, n_dev=len(texts), max_disagreement=max_disagreement)
+        (tmp / CARD_FILE).write_text(model_card(replace(facts, onnx=onnx)))
         _readable(tmp)
         swap_in(tmp, dest)
     finally:

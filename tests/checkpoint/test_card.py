@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from helpers import card_facts
 from huggingface_hub import ModelCard
 
-from abstract_tagger.checkpoint.card import CardFacts, model_card
-from abstract_tagger.common.bundled import BUNDLED_MINILM, describe
-from abstract_tagger.metrics import Scores
-from abstract_tagger.training.evaluation import Evaluation, SetScores
-
-TRAINING = {"epochs": 2, "loss": "BCE", "pos_weight": None, "hand_papers": 0, "hand_weight": 1.0,
-            "clean_phase_epochs": 0, "self_training_rounds": 0, "self_training_epochs": 1,
-            "self_training_model_weight": 0.3, "batch_size": 32, "max_length": 128, "lr": 1e-4, "head_lr": 2e-3,
-            "precision": "fp32", "seed": 0, "threshold_folds": 5}
-
-
-def _facts(taxonomy, **training) -> CardFacts:
-    def scores(f1: float) -> Scores:
-        return Scores(f1, f1 - 0.1, f1, f1, {}, 10)
-
-    sets = {"dev": SetScores(scores(0.8), scores(0.81), scores(0.82), scores(0.83)),
-            "test/recent": SetScores(scores(0.7), scores(0.71), scores(0.72), scores(0.73))}
-    evaluation = Evaluation(sets=sets, dev_in_sample=scores(0.9), threshold_policy="flat",
-                            policy_candidates={"flat": 0.8}, blend_weight=0.4, blend_candidates={0.0: 0.7, 0.4: 0.75},
-                            thresholds={t: 0.5 for t in taxonomy.ids})
-    return CardFacts(backbone=describe(BUNDLED_MINILM), corpus={"sources": {"recent": 100}, "train": 90,
-                     "held_out": {"dev/seed": 5}}, functions=["keywords", "arxiv"], training={**TRAINING, **training},
-                     evaluation=evaluation, taxonomy=taxonomy)
+from abstract_tagger.checkpoint.card import CardFacts, OnnxFacts, model_card
 
 
 def test_card_metadata_names_the_hub_base_model_and_what_ships(taxonomy):
-    card = ModelCard(model_card(_facts(taxonomy)))
+    card = ModelCard(model_card(card_facts(taxonomy)))
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"  # without the bundling note
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-classification"
     results = {(r.dataset_name, r.metric_name): r.metric_value for r in card.data.eval_results}
@@ -47,8 +28,21 @@ def test_card_metadata_names_the_hub_base_model_and_what_ships(taxonomy):
     ({"hand_papers": 1999, "hand_weight": 2.0}, "counted 2.0x in the loss"),
 ])
 def test_card_describes_the_recipe(taxonomy, training, says):
-    text = model_card(_facts(taxonomy, **training))
+    text = model_card(card_facts(taxonomy, **training))
     assert says in text
     assert "| what predict.py ships | 0.830 | 0.730 | 0.730 | 0.630 |" in text
     assert f"| `{taxonomy.ids[0]}` | {taxonomy.tags[0].name} | 0.50 |" in text
     assert "mixed with the rule functions' probabilities at weight 0.4" in text
+
+
+def test_facts_round_trip_and_publishing_adds_the_onnx_section(taxonomy, tmp_path):
+    facts = card_facts(taxonomy, hand_papers=5)
+    facts.save(tmp_path / "card.json")
+    assert model_card(CardFacts.load(tmp_path / "card.json")) == model_card(facts)
+    assert "## ONNX Runtime" not in model_card(facts)
+    onnx = OnnxFacts({"fp32": {"same_tags": 1.0, "max_score_diff": 1e-6}, "int8 + fp32 recheck": {
+        "same_tags": 0.995, "max_score_diff": 0.3}}, n_dev=197, max_disagreement=0.005)
+    card = model_card(replace(CardFacts.load(tmp_path / "card.json"), onnx=onnx))
+    assert "on the\n197 gold-dev papers" in card and "graph over 0.5% disagreement is not published" in card
+    assert "| int8 + fp32 recheck | 99.5% | 0.3 |" in card
+    assert ModelCard(card).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"

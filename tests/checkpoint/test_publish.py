@@ -7,21 +7,20 @@ import socket
 import numpy as np
 import onnx
 import pytest
-import yaml
-from helpers import TRAIN, run_publish
+from helpers import TRAIN, card_facts, run_publish
+from huggingface_hub import ModelCard
 from onnx import numpy_helper
 from safetensors import safe_open
 
 from abstract_tagger import Tagger
+from abstract_tagger.checkpoint.card import CardFacts, model_card
 from abstract_tagger.checkpoint.onnx_export import export_onnx
-
-HEADER = {"license": "apache-2.0", "base_model": "org/backbone", "model-index": [{"name": "abstract-tagger", "results": []}]}
 
 
 @pytest.fixture
-def run_dir(tiny_checkpoint, tmp_path):
+def run_dir(tiny_checkpoint, tmp_path, taxonomy):
     shutil.copytree(tiny_checkpoint, tmp_path / "run/checkpoint")
-    (tmp_path / "run/checkpoint/README.md").write_text(f"---\n{yaml.safe_dump(HEADER, sort_keys=False)}---\n\n# tiny card\n")
+    card_facts(taxonomy).save(tmp_path / "run/card.json")  # what training saves beside its checkpoint
     return tmp_path / "run"
 
 
@@ -46,10 +45,11 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
     assert {"model.onnx", "model_quantized.onnx"} <= {p.name for p in dest.iterdir()}
     assert (dest / "model.onnx").stat().st_size + (dest / "model_quantized.onnx").stat().st_size < 0.5 * (
         dest / "model.safetensors").stat().st_size
-    # The card training wrote keeps its Hub header; publishing adds the ONNX agreement.
+    # The card is rendered again from the facts training saved, with the ONNX agreement added.
     card = (dest / "README.md").read_text()
-    assert yaml.safe_load(card.split("---\n")[1]) == HEADER
-    assert "# tiny card" in card and "| fp32 | 100.0% |" in card
+    assert card.startswith(model_card(CardFacts.load(run_dir / "card.json")).rstrip())
+    assert ModelCard(card).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "| fp32 | 100.0% |" in card and card.count("## ONNX Runtime") == 1
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
     before = Tagger.from_pretrained(run_dir / "checkpoint", precision="fp32")
@@ -141,3 +141,10 @@ def test_publish_py_is_a_hydra_entry_point(root, run_dir, tmp_path):
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "run_dir" in missing.stderr
     assert "dev_sets" in publish_py("--help").stdout
+
+
+def test_a_run_without_card_facts_is_refused_before_any_work(run_dir, tmp_path):
+    (run_dir / "card.json").unlink()
+    with pytest.raises(SystemExit, match=r"^error: .*card.json: not found; .* retrain"):
+        run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}")
+    assert not (tmp_path / "checkpoints").exists()

@@ -62,7 +62,7 @@ def test_train_tiny_default_corpus(root, taxonomy, tmp_path):
     assert len(metrics["epochs"]) == 2
     card = (run_dir / "checkpoint/README.md").read_text()
     assert "base_model:" in card and "model-index:" in card and "test/recent" in card
-    for name in ("per_tag_f1.png", "loss.png", "review.jsonl", "weak_labels.jsonl", "lf_report.md"):
+    for name in ("per_tag_f1.png", "loss.png", "review.jsonl", "weak_labels.jsonl", "lf_report.md", "card.json"):
         assert (run_dir / name).stat().st_size > 0, name
     review = [json.loads(line) for line in (run_dir / "review.jsonl").read_text().splitlines()]
     gaps = [r["disagreement"] for r in review]

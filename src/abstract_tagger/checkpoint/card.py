@@ -4,8 +4,9 @@ model-index). Imports data and training (the evaluation it reports)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.training.evaluation import Evaluation
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
+# The card's facts in a training run's directory, where publishing reads them.
+FACTS_FILE = "card.json"
 # The score table's rows: (SetScores field, what it is).
 ROWS = (("weak", "weak labels (all labelling functions, 0.5)"),
         ("model_flat", "model alone, 0.5"),
@@ -23,9 +26,21 @@ ROWS = (("weak", "weak labels (all labelling functions, 0.5)"),
 
 
 @dataclass(frozen=True)
+class OnnxFacts:
+    """What publishing measured of the ONNX graphs: per graph {same_tags, max_score_diff} against torch
+    fp32 on `n_dev` dev papers, and the disagreement it refuses."""
+
+    agreement: Mapping[str, Mapping[str, float]]
+    n_dev: int
+    max_disagreement: float
+
+
+@dataclass(frozen=True)
 class CardFacts:
     """What the card says: the backbone as loaded, the corpus' counts ({sources: {name: n}, train: n,
-    held_out: {name: n}}), the labelling functions, the training settings and the run's evaluation."""
+    held_out: {name: n}}), the labelling functions, the training settings and the run's evaluation;
+    `onnx` once publishing has checked the graphs. Training saves them in the run directory
+    (`FACTS_FILE`), so publishing renders the card again through the same template."""
 
     backbone: str
     corpus: Mapping[str, Any]
@@ -33,6 +48,23 @@ class CardFacts:
     training: Mapping[str, Any]
     evaluation: Evaluation
     taxonomy: Taxonomy
+    onnx: OnnxFacts | None = None
+
+    def save(self, path: Path) -> None:
+        data = {**{f.name: getattr(self, f.name) for f in fields(self)}, "evaluation": self.evaluation.to_dict(),
+                "taxonomy": self.taxonomy.to_dict(), "onnx": asdict(self.onnx) if self.onnx else None,
+                "functions": list(self.functions)}
+        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> CardFacts:
+        if not path.is_file():
+            raise ValueError(f"{path}: not found; it is written by training runs of this version: retrain, "
+                             "then publish")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{**data, "evaluation": Evaluation.from_dict(data["evaluation"]),
+                      "taxonomy": Taxonomy.from_config(data["taxonomy"]),
+                      "onnx": OnnxFacts(**data["onnx"]) if data["onnx"] else None})
 
 
 def _hub_id(backbone: str) -> str:
@@ -57,5 +89,5 @@ def model_card(facts: CardFacts) -> str:
         eval_results=_eval_results(facts.evaluation))
     card = ModelCard.from_template(data, template_path=str(TEMPLATE), rows=ROWS, backbone=facts.backbone,
                                    corpus=facts.corpus, functions=list(facts.functions), training=facts.training,
-                                   evaluation=facts.evaluation, taxonomy=facts.taxonomy)
+                                   evaluation=facts.evaluation, taxonomy=facts.taxonomy, onnx=facts.onnx)
     return str(card)

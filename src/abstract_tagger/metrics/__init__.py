@@ -40,6 +40,10 @@ class Scores:
         return {"micro_f1": self.micro_f1, "macro_f1": self.macro_f1, "micro_precision": self.micro_precision,
                 "micro_recall": self.micro_recall, "n_papers": self.n_papers, "per_tag": dict(self.per_tag)}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Scores:
+        return cls(**data)
+
 
 def score(pred: np.ndarray, gold: np.ndarray, tag_ids: Sequence[str]) -> Scores:
     """Micro/macro F1 and per-tag P/R/F1 of 0/1 predictions, through the shipped evaluate metric."""

@@ -4,8 +4,8 @@ Imports data, labeling and the rest of training."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,11 @@ class SetScores:
     shipped: Scores         # what predict.py does: model (+ rule blend) with the shipped thresholds
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k).to_dict() for k in ("weak", "model_flat", "model", "shipped")}
+        return {f.name: getattr(self, f.name).to_dict() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SetScores:
+        return cls(**{f.name: Scores.from_dict(data[f.name]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,22 @@ class Evaluation:
     blend_weight: float
     blend_candidates: dict[float, float]  # weight -> k-fold held-out mean F1 on dev
     thresholds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-shaped (blend weights as strings)."""
+        return {"sets": {name: s.to_dict() for name, s in self.sets.items()},
+                "dev_in_sample": self.dev_in_sample.to_dict(), "threshold_policy": self.threshold_policy,
+                "policy_candidates": self.policy_candidates, "blend_weight": self.blend_weight,
+                "blend_candidates": {str(w): v for w, v in self.blend_candidates.items()},
+                "thresholds": self.thresholds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
+        return cls(sets={name: SetScores.from_dict(s) for name, s in data["sets"].items()},
+                   dev_in_sample=Scores.from_dict(data["dev_in_sample"]), threshold_policy=data["threshold_policy"],
+                   policy_candidates=dict(data["policy_candidates"]), blend_weight=data["blend_weight"],
+                   blend_candidates={float(w): v for w, v in data["blend_candidates"].items()},
+                   thresholds=dict(data["thresholds"]))
 
 
 def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, data: TrainingData, pool: Sequence[Paper],
