@@ -1,6 +1,7 @@
 """predict (Tagger / predict.py) against `transformers.pipeline` on the same checkpoint and machine.
 
     python bench/predict_vs_pipeline.py [--checkpoint DIR] [--rss-checkpoint DIR] [--backend auto|onnx|torch] [--quick]
+    python bench/predict_vs_pipeline.py --matrix [--quick]   # one row per backend x precision, auto's marked
 
 Measures, in one run so that ratios are comparable on a shared machine:
   - time to the first tag: import + load + one abstract, with the Tagger API and with predict.py,
@@ -225,6 +226,54 @@ def peak_rss(checkpoint: Path, files: dict[str, Path], backend: str) -> dict:
     return results
 
 
+# Every backend x precision that predict.py can run on a CPU, each measured whole process.
+MATRIX = (("onnx", "int8"), ("onnx", "fp32"), ("torch", "bf16"), ("torch", "fp32"))
+
+
+def auto_pick(checkpoint: Path) -> tuple[str, str]:
+    """What backend=auto precision=auto run on this machine (as predict.py resolves them)."""
+    from abstract_tagger.checkpoint.format import ONNX_INT8
+    from abstract_tagger.common.runtime import fast_precision
+    from abstract_tagger.inference.options import choose_backend
+
+    backend = choose_backend("auto", checkpoint)
+    if backend == "onnx":
+        return backend, "int8" if (checkpoint / ONNX_INT8).is_file() else "fp32"
+    return backend, fast_precision("cpu")
+
+
+def matrix(checkpoint: Path, path: Path) -> list[dict]:
+    """Whole-process predict.py for each of MATRIX and the pipeline peer (fp32) on one input file, with
+    the share of papers whose tag set equals torch fp32's (rule blend included)."""
+    n = sum(1 for _ in open(path))
+    t_pipe, rss_pipe = run_child([sys.executable, __file__, "--pipeline-worker", str(path),
+                                  "--checkpoint", str(checkpoint)])
+    rows, tags = [{"run": "transformers.pipeline fp32, batch 32", "seconds": t_pipe, "peak_rss_mb": rss_pipe}], {}
+    for backend, precision in MATRIX:
+        wall, rss = run_child([*predict_cli(checkpoint, path, backend), f"precision={precision}"])
+        tags[backend, precision] = [r["tags"] for r in map(json.loads, open(path.with_suffix(".tags.jsonl")))]
+        rows.append({"run": f"predict.py backend={backend} precision={precision}", "backend": backend,
+                     "precision": precision, "seconds": wall, "peak_rss_mb": rss})
+        print(json.dumps(rows[-1]), flush=True)
+    ref = tags["torch", "fp32"]
+    for row in rows:
+        row["n"], row["vs_pipeline"] = n, t_pipe / row["seconds"]
+        if "backend" in row:
+            row["same_tags"] = same_tags(tags[row["backend"], row["precision"]], ref)
+    return rows
+
+
+def print_matrix(rows: list[dict], pick: tuple[str, str], cpu: str) -> None:
+    print(f"\nCPU: {cpu}; {rows[0]['n']:,} abstracts, whole process from a cold start")
+    print("| run | seconds | vs pipeline | peak RSS | same tag sets as torch fp32 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        mark = " (auto's pick)" if (r.get("backend"), r.get("precision")) == pick else ""
+        same = f"{r['same_tags']:.2%}" if "same_tags" in r else ""
+        print(f"| {r['run']}{mark} | {r['seconds']:.1f} | {r['vs_pipeline']:.2f}x | {r['peak_rss_mb']:.0f} MB "
+              f"| {same} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/abstract-tagger-minilm")
@@ -232,6 +281,7 @@ def main() -> None:
                         help="checkpoint for the peak-RSS runs (default: --checkpoint)")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--matrix", action="store_true", help="only the backend x precision table")
     parser.add_argument("--pipeline-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pipeline_worker:
@@ -241,6 +291,16 @@ def main() -> None:
 
     seed, corpus = corpus_texts()
     large, rss_small, rss_large = (500, 1_000, 10_000) if args.quick else (5_000, 10_000, 100_000)
+    if args.matrix:
+        from abstract_tagger.common.cpu import cpu_description
+
+        rows = {name: matrix(args.checkpoint, write_jsonl(OUT / f"matrix-{name}.jsonl", records))
+                for name, records in (("seed", seed), (f"{large}", repeat(corpus, large)))}
+        pick, cpu = auto_pick(args.checkpoint), cpu_description()
+        (OUT / "predict_matrix.json").write_text(json.dumps({"cpu": cpu, "auto": pick, "rows": rows}, indent=2) + "\n")
+        for table in rows.values():
+            print_matrix(table, pick, cpu)
+        return
     sets = {"seed": seed, f"{large}": repeat(corpus, large)}
     files = {name: write_jsonl(OUT / f"bench-{name}.jsonl", records) for name, records in sets.items()}
     rss_files = {f"{n}": write_jsonl(OUT / f"rss-{n}.jsonl", repeat(corpus, n)) for n in (rss_small, rss_large)}
