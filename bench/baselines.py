@@ -65,8 +65,8 @@ def main() -> None:
                          cfg.model.max_length)
     split, weak_probs = data.split, data.held_out_weak
     train = list(data.train_papers(len(data.train)))
-    baseline = tfidf_logreg([p.text for papers, _ in train for p in papers],
-                            np.concatenate([targets for _, targets in train]), [p.text for p in data.held_out])
+    baseline = tfidf_logreg([p.text for papers, _, _ in train for p in papers],
+                            np.concatenate([targets for _, targets, _ in train]), [p.text for p in data.held_out])
     tcfg = OmegaConf.to_container(cfg.thresholds, resolve=True)
     dev_rows, dev_gold = split.rows("dev"), split.gold("dev")
     rows: dict[str, dict[str, tuple[float, float]]] = {}

@@ -51,7 +51,7 @@ def main() -> None:
     wanted = {pid for gold in gold_sets.values() for pid in gold.tags}
     papers, votes = [], []
     for i in range(weak.n_chunks):
-        chunk, chunk_votes = weak.votes(i)
+        chunk, _, chunk_votes = weak.chunk(i)
         rows = [r for r, p in enumerate(chunk) if p.id in wanted]
         papers += [chunk[r] for r in rows]
         votes.append(chunk_votes[rows])

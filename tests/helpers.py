@@ -170,18 +170,21 @@ class Fitted:
     epoch_steps: list
 
 
-def weak_labels_on_disk(path: Path, papers, probs: np.ndarray, tag_ids, chunk_size: int = 16):
-    """A finished weak-labelling result of `papers` with probabilities `probs`, as build_weak_labels leaves it."""
+def weak_labels_on_disk(path: Path, papers, probs: np.ndarray, tag_ids, chunk_size: int = 16, functions=None):
+    """A finished weak-labelling result of `papers` with probabilities `probs`, as build_weak_labels leaves
+    it; the votes of `functions` (LabelingFunctions) are stored, or one column of abstentions."""
     from abstract_tagger.labeling import weak_labels as wl
 
     path.mkdir(parents=True, exist_ok=True)
     n_chunks = 0
     for n_chunks, start in enumerate(range(0, len(papers), chunk_size), start=1):
         chunk = list(papers[start:start + chunk_size])
-        wl.save_chunk(wl._chunk_path(path, n_chunks - 1), chunk, np.zeros((len(chunk), 1, len(tag_ids)), np.int8))
+        votes = functions(chunk) if functions else np.zeros((len(chunk), 1, len(tag_ids)), np.int8)
+        wl.save_chunk(wl._chunk_path(path, n_chunks - 1), chunk, votes)
         np.save(wl._probs_path(path, n_chunks - 1), probs[start:start + chunk_size].astype(np.float32))
-    return wl.WeakLabels(root=path, tag_ids=list(tag_ids), report={}, threshold=0.5, n_papers=len(papers),
-                         n_chunks=n_chunks)
+    names = functions.names if functions else ["none"]
+    return wl.WeakLabels(root=path, tag_ids=list(tag_ids), report={"functions": names}, threshold=0.5,
+                         n_papers=len(papers), n_chunks=n_chunks)
 
 
 @cache

@@ -47,8 +47,8 @@ def test_10_weak_label_cache_cannot_run_code_and_survives_damage(root, tmp_path,
     with caplog.at_level(logging.WARNING):
         rebuilt = build_weak_labels(cfg)
     assert f"{cache}: unreadable weak-label cache" in caplog.text
-    np.testing.assert_array_equal(np.concatenate([p for _, p in rebuilt.chunks()]),
-                                  np.concatenate([p for _, p in first.chunks()]))
+    np.testing.assert_array_equal(np.concatenate([p for _, p, _ in rebuilt.chunks()]),
+                                  np.concatenate([p for _, p, _ in first.chunks()]))
 
 
 def test_11_skip_log_points_at_the_rejects_file_that_stays(root, tmp_path, caplog):

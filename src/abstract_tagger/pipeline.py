@@ -199,8 +199,8 @@ def score_pool(cfg: DictConfig, accelerator: Accelerator, data: TrainingData,
     """The pool's papers (every held-out paper, then the first `export.review_pool` training papers),
     their weak labels and the trained model's probabilities."""
     review = list(data.train_papers(cfg.export.review_pool))
-    papers = data.held_out + [p for batch, _ in review for p in batch]
-    weak = np.concatenate([data.held_out_weak, *(targets for _, targets in review)])
+    papers = data.held_out + [p for batch, _, _ in review for p in batch]
+    weak = np.concatenate([data.held_out_weak, *(targets for _, targets, _ in review)])
     probs = model_probs(cfg, accelerator, backbone.model, backbone.tokenizer,
                         papers_dataset(papers, backbone.tokenizer, cfg.model.max_length))
     return papers, weak, probs

@@ -44,6 +44,42 @@ def data_of(cfg, tmp_path, papers, weak, sets, hand, taxonomy):
                          taxonomy.ids, minilm_tokenizer(), 64)
 
 
+def test_the_blend_reuses_the_votes_the_weak_labels_stored(root, papers, taxonomy, tmp_path, monkeypatch):
+    """The rule functions voted on every paper when the weak labels were made: the blend is fitted on
+    those stored votes, and comes out the same as when the functions vote again."""
+    from dataclasses import replace
+
+    from abstract_tagger.training import evaluation
+
+    cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}")
+    rules = rule_functions(taxonomy, cfg.labeling.keywords.min_abstract_hits)
+    weak = np.random.default_rng(0).random((40, len(taxonomy))).astype(np.float32)
+    sets = {"dev": {"a": gold_set(papers, {i: ["nlp"] if i % 2 else [] for i in range(10)})}}
+    data = training_data(cfg, weak_labels_on_disk(tmp_path / "weak", papers, weak, taxonomy.ids, functions=rules),
+                         sets, None, taxonomy.ids, minilm_tokenizer(), 64)
+    pool = data.held_out + list(papers[10:20])
+    probs = np.random.default_rng(1).random((len(pool), len(taxonomy))).astype(np.float32)
+    voted = []
+
+    class Counting:
+        def __init__(self, taxonomy, min_hits):
+            self.functions = rule_functions(taxonomy, min_hits)
+            self.names = self.functions.names
+
+        def __call__(self, batch):
+            voted.append(len(batch))
+            return self.functions(batch)
+
+    monkeypatch.setattr(evaluation, "rule_functions", Counting)
+    blend, weights, shipped = evaluation.fit_blend(cfg, taxonomy, data, pool, probs)
+    assert voted == []  # every vote came from the weak labels' chunks
+    again, weights_again, shipped_again = evaluation.fit_blend(cfg, taxonomy, replace(data, vote_names=[]), pool, probs)
+    assert sum(voted) >= len(pool)  # without stored votes of the rule functions, they vote again
+    np.testing.assert_array_equal(blend.table, again.table)
+    assert weights == weights_again
+    np.testing.assert_array_equal(shipped, shipped_again)
+
+
 def test_gold_papers_are_held_out_and_hand_labels_override_weak_targets(root, papers, taxonomy, tmp_path):
     cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}")
     sets = {"dev": {"a": gold_set(papers, {0: ["nlp"], 1: []})}, "test": {"b": gold_set(papers, {2: ["nlp"]})}}

@@ -4,7 +4,8 @@ and model is.
 
     wl = build_weak_labels(cfg)   # cfg: composed Hydra config with data, taxonomy, labeling, paths
     wl.write(out_dir)             # weak_labels.jsonl, lf_report.md, lf_report.json (+ rejects.jsonl)
-    for papers, probs in wl.chunks(): ...   # the kept papers in corpus order, with their probabilities
+    for papers, probs, votes in wl.chunks(): ...   # the kept papers in corpus order, with their
+                                                  # probabilities and the functions' votes
 
 The run, one chunk of `labeling.chunk_size` papers in memory at a time:
   1. vote: the corpus is read once; each chunk's papers and votes are saved as soon as they are
@@ -78,11 +79,12 @@ def load_index(path: Path) -> tuple[list[list[str]], np.ndarray]:
         return json.loads(saved["index"].tobytes()), saved["votes"]
 
 
-def read_chunks(root: Path, n_chunks: int) -> Iterator[tuple[list[Paper], np.ndarray]]:
+def read_chunks(root: Path, n_chunks: int) -> Iterator[tuple[list[Paper], np.ndarray, np.ndarray]]:
     """The kept papers of a finished result in `root`, in corpus order, a chunk at a time, with their
-    probabilities."""
+    probabilities and the functions' votes."""
     for i in range(n_chunks):
-        yield load_chunk(_chunk_path(root, i))[0], _load_probs(root, i)
+        papers, votes = load_chunk(_chunk_path(root, i))
+        yield papers, _load_probs(root, i), votes
 
 
 def _load_probs(root: Path, i: int) -> np.ndarray:
@@ -110,21 +112,18 @@ class WeakLabels:
     # Whether rejects were collected (data.on_error=skip) rather than raised.
     skipped_rejects: bool = False
 
-    def chunks(self) -> Iterator[tuple[list[Paper], np.ndarray]]:
-        """The kept papers in corpus order, one chunk at a time, with their probabilities."""
+    def chunks(self) -> Iterator[tuple[list[Paper], np.ndarray, np.ndarray]]:
+        """The kept papers in corpus order, one chunk at a time, with their probabilities and the
+        functions' votes [papers, functions, tags] (`report["functions"]` names the columns)."""
         return read_chunks(self.root, self.n_chunks)
 
-    def chunk(self, i: int) -> tuple[list[Paper], np.ndarray]:
-        return load_chunk(_chunk_path(self.root, i))[0], _load_probs(self.root, i)
+    def chunk(self, i: int) -> tuple[list[Paper], np.ndarray, np.ndarray]:
+        papers, votes = load_chunk(_chunk_path(self.root, i))
+        return papers, _load_probs(self.root, i), votes
 
     def index(self, i: int) -> list[list[str]]:
         """Chunk `i`'s [id, title] pairs, without decompressing its papers."""
         return load_index(_chunk_path(self.root, i))[0]
-
-    def votes(self, i: int) -> tuple[list[Paper], np.ndarray]:
-        """Chunk `i`'s papers and the functions' votes [papers, functions, tags] (`report["functions"]`
-        names the columns)."""
-        return load_chunk(_chunk_path(self.root, i))
 
     def fit_votes(self, limit: int) -> np.ndarray:
         """The votes the label models are fitted on: the first `limit` papers'."""

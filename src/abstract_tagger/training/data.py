@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,34 +69,40 @@ class TrainingData:
     split: Split                # rows of `held_out`
     n_corpus: int               # papers in the corpus, held out included
     selection: dict[str, Any]   # which papers train, on what targets (`_training_papers`' arguments)
+    vote_names: list[str]       # the labelling functions' vote columns, as the weak labels stored them
+    held_out_votes: np.ndarray  # their votes on the held-out papers [papers, functions, tags]
 
     @property
     def n_hand(self) -> int:
         return int(np.asarray(self.train.with_format("numpy")["hand"]).sum()) if len(self.train) else 0
 
-    def train_papers(self, limit: int) -> Iterator[tuple[list[Paper], np.ndarray]]:
-        """The first `limit` training papers with their targets, a chunk at a time, read from the weak
-        labels' chunks rather than the Arrow file: a scan of a memory-mapped file keeps every page it
-        touched in the process's memory."""
+    def train_papers(self, limit: int) -> Iterator[tuple[list[Paper], np.ndarray, np.ndarray]]:
+        """The first `limit` training papers with their targets and stored votes, a chunk at a time, read
+        from the weak labels' chunks rather than the Arrow file: a scan of a memory-mapped file keeps
+        every page it touched in the process's memory."""
         left = limit
-        for papers, targets, _ in _training_papers(**self.selection):
+        for papers, targets, _, votes in _training_papers(**self.selection):
             if left <= 0:
                 return
-            yield papers[:left], np.asarray(targets[:left], dtype=np.float32)  # a chunk yields 1+ papers
+            # A chunk yields 1+ papers.
+            yield papers[:left], np.asarray(targets[:left], dtype=np.float32), votes[:left]
             left -= len(papers)
 
 
 def _training_papers(weak_root: str, n_chunks: int, skip_ids: tuple[str, ...], hand: Mapping[str, list[int]],
-                     keep: tuple[int, ...] | None) -> Iterator[tuple[list[Paper], list[list[float]], list[bool]]]:
-    """Per weak-label chunk: its training papers, their targets (hand labels where given) and which are
-    hand-labelled. `keep`: sorted positions of the sample among the training papers (None: all)."""
+                     keep: tuple[int, ...] | None) -> Iterator[tuple[list[Paper], list[list[float]], list[bool],
+                                                                     np.ndarray]]:
+    """Per weak-label chunk: its training papers, their targets (hand labels where given), which are
+    hand-labelled, and the labelling functions' stored votes on them. `keep`: sorted positions of the
+    sample among the training papers (None: all)."""
     skip = set(skip_ids)
     wanted = iter(keep) if keep is not None else None
     next_wanted = next(wanted, None) if wanted is not None else None
     position = 0
-    for papers, probs in read_chunks(Path(weak_root), n_chunks):
+    for papers, probs, votes in read_chunks(Path(weak_root), n_chunks):
         chosen: tuple[list[Paper], list[list[float]], list[bool]] = ([], [], [])
-        for paper, row in zip(papers, probs):
+        rows: list[int] = []
+        for i, (paper, row) in enumerate(zip(papers, probs)):
             if paper.id in skip:
                 continue
             sampled = wanted is None or position == next_wanted
@@ -108,13 +114,14 @@ def _training_papers(weak_root: str, n_chunks: int, skip_ids: tuple[str, ...], h
                 chosen[0].append(paper)
                 chosen[1].append(row.tolist() if labels is None else labels)
                 chosen[2].append(labels is not None)
+                rows.append(i)
         if chosen[0]:
-            yield chosen
+            yield *chosen, votes[rows]
 
 
 def _training_rows(selection: Mapping[str, Any], tokenizer, max_length: int) -> Iterator[dict[str, Any]]:
     """The rows of the training dataset, tokenised a chunk at a time."""
-    for papers, targets, hand in _training_papers(**selection):
+    for papers, targets, hand, _ in _training_papers(**selection):
         inputs = encode(tokenizer, papers, max_length)
         for i, paper in enumerate(papers):
             yield {"id": paper.id, "labels": targets[i], "hand": hand[i], **{k: v[i] for k, v in inputs.items()}}
@@ -133,16 +140,17 @@ def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Map
                                   "hand labels of held-out papers cannot be training targets")
             hand[pid] = row
 
-    held_out, held_weak, hand_papers = [], [], []
+    held_out, held_weak, held_votes, hand_papers = [], [], [], []
     wanted = held_ids | set(hand)
     for i in range(weak.n_chunks):
         if wanted.isdisjoint(pid for pid, _ in weak.index(i)):
             continue  # most chunks of a big corpus: their papers are not even decompressed
-        papers, probs = weak.chunk(i)
-        for paper, row in zip(papers, probs):
+        papers, probs, votes = weak.chunk(i)
+        for paper, row, vote in zip(papers, probs, votes):
             if paper.id in held_ids:
                 held_out.append(paper)
                 held_weak.append(row)
+                held_votes.append(vote)
             elif paper.id in hand:
                 hand_papers.append(paper)
     split = split_gold(held_out, gold_sets, tag_ids)  # a gold paper missing from the corpus stops here
@@ -167,8 +175,19 @@ def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Map
     train = Dataset.from_generator(
         _training_rows, features=features, cache_dir=str(Path(cfg.paths.cache_dir) / "train_data"),
         fingerprint=fingerprint, gen_kwargs={"selection": selection, "tokenizer": tokenizer, "max_length": max_length})
+    n_functions = len(weak.report["functions"])
     return TrainingData(train, held_out, np.array(held_weak, dtype=np.float32).reshape(-1, len(tag_ids)), split,
-                        weak.n_papers, selection)
+                        weak.n_papers, selection, list(weak.report["functions"]),
+                        np.array(held_votes, dtype=np.int8).reshape(-1, n_functions, len(tag_ids)))
+
+
+def stored_votes(data: TrainingData, names: Sequence[str]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Column selector of the functions `names` from stored votes, or None where the weak labels did
+    not run all of them (then they vote again)."""
+    if not set(names) <= set(data.vote_names):
+        return None
+    columns = [data.vote_names.index(n) for n in names]
+    return lambda votes: votes[:, columns]
 
 
 def encode(tokenizer, papers: Sequence[Paper], max_length: int) -> dict[str, list]:

@@ -17,7 +17,7 @@ from abstract_tagger.labeling.label_model import LearnedLabelModel
 from abstract_tagger.labeling.rule_blend import RuleBlend, rule_functions
 from abstract_tagger.metrics import Scores, score
 from abstract_tagger.training import thresholds as thr
-from abstract_tagger.training.data import Split, TrainingData
+from abstract_tagger.training.data import Split, TrainingData, stored_votes
 from abstract_tagger.training.thresholds import choose_weight
 
 
@@ -71,16 +71,20 @@ def fit_blend(cfg: DictConfig, taxonomy: Taxonomy, data: TrainingData, pool: Seq
     """The rule blend (None where `rule_blend.weights` is [0]), every candidate weight's k-fold dev
     score, and the probabilities it ships for every paper of `pool` (the held-out papers, then the first
     training papers). Its label model is fitted on the rule votes of the first `labeling.fit_max_records`
-    training papers; the rule functions vote once on each paper."""
+    training papers: the votes the weak labels stored, where they ran the rule functions; else the rule
+    functions vote again, once on each paper."""
     if list(cfg.rule_blend.weights) == [0.0]:
         return None, {0.0: 0.0}, pool_probs
     min_hits = cfg.labeling.keywords.min_abstract_hits
     rules = rule_functions(taxonomy, min_hits)
     n_review = len(pool) - len(data.held_out)
     n_fit = min(cfg.labeling.fit_max_records, len(data.train))
-    train_votes = np.concatenate([rules(papers) for papers, _ in data.train_papers(max(n_fit, n_review))])
+    stored = stored_votes(data, rules.names)
+    train_votes = np.concatenate([stored(votes) if stored else rules(papers)
+                                  for papers, _, votes in data.train_papers(max(n_fit, n_review))])
+    held_out_votes = stored(data.held_out_votes) if stored else rules(data.held_out)
     blend = RuleBlend.fit(taxonomy, min_hits, train_votes[:n_fit], LearnedLabelModel(cfg.labeling.label_model))
-    rule_probs = blend.probs_from_votes(np.concatenate([rules(data.held_out), train_votes[:n_review]]))
+    rule_probs = blend.probs_from_votes(np.concatenate([held_out_votes, train_votes[:n_review]]))
     dev_rows = data.split.rows("dev")
     weights = choose_weight(pool_probs[dev_rows], rule_probs[dev_rows], data.split.gold("dev"), taxonomy.ids,
                             cfg.rule_blend.weights, OmegaConf.to_container(cfg.thresholds, resolve=True), cfg.seed)
