@@ -25,8 +25,8 @@ label: $(STAMP)
 	$(BIN)/python label.py hydra.run.dir=$(RUN_DIR)/label
 
 # make train's recipe: the published one (conf/experiment/published.yaml), shortened to fit about 15
-# minutes on 2 CPU cores: 1 epoch on 4,000 of the 6,020 training papers (every hand-labelled one kept)
-# instead of 2 epochs on all, the fastest precision this machine measures (training and sentence
+# minutes on 2 CPU cores: 1 epoch on a seeded sample of 4,000 of the 6,020 training papers plus the
+# hand-labelled ones it missed, instead of 2 epochs on all, the fastest precision this machine measures (training and sentence
 # embeddings), 2,000 training papers scored for review.jsonl. `make train TRAIN_ARGS=` trains the
 # full recipe.
 TRAIN_ARGS ?= trainer.epochs=1 data.max_train_papers=4000 trainer.precision=auto labeling.embedding.precision=auto \

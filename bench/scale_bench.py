@@ -145,9 +145,9 @@ def main() -> int:
         corpus = make_corpus(OUT / f"embed-{n}.jsonl.gz", n, papers[len(papers) - n:])  # no gold paper
         nogold = ["data.gold.dev.seed=null", "data.gold.dev.recent=null", "data.gold.test.recent=null"]
         chunk = [f"labeling.chunk_size={max(n // 8, 1)}"]  # 8 chunks: both ranks get a share
-        for name, launcher, extra in (("1 process, bf16", python, []),
-                                      ("1 process, fp32", python, ["labeling.embedding.bf16=false"]),
-                                      ("2 processes, bf16", torchrun, [])):
+        for name, launcher, extra in (("1 process, bf16", python, ["labeling.embedding.precision=bf16"]),
+                                      ("1 process, fp32", python, ["labeling.embedding.precision=fp32"]),
+                                      ("2 processes, bf16", torchrun, ["labeling.embedding.precision=bf16"])):
             r = timed([*launcher, "label.py", *source(corpus), *nogold, *chunk, *extra],
                       OUT / f"embed-{name.replace(' ', '').replace(',', '-')}",
                       threads=1 if launcher is torchrun else None)

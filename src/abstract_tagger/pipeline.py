@@ -126,12 +126,11 @@ def load_model(cfg: DictConfig, tag_ids: list[str]) -> Backbone:
 @dataclass(frozen=True)
 class Pool:
     """The papers scored after training: every held-out paper, then the first `export.review_pool`
-    training papers (for review.jsonl). `shipped`: what predict.py gives them (the model's
-    probabilities, blended with the rules where a blend ships)."""
+    training papers (for review.jsonl), with their weak labels and what predict.py gives them
+    (`shipped`: the model's probabilities, blended with the rules where a blend ships)."""
 
     papers: list[Paper]
     weak: np.ndarray
-    model: np.ndarray
     shipped: np.ndarray
 
 
@@ -183,7 +182,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         blend, weights, shipped = fit_blend(cfg, taxonomy, data, papers, probs)
         evaluation = evaluate_run(cfg, data.split, probs, shipped, pool_weak, blend.weight if blend else 0.0,
                                   weights, tag_ids)
-        outcome = Outcome(taxonomy, weak, data, trained, Pool(papers, pool_weak, probs, shipped), evaluation, blend)
+        outcome = Outcome(taxonomy, weak, data, trained, Pool(papers, pool_weak, shipped), evaluation, blend)
         facts = card_facts(cfg, accelerator, outcome)
         checkpoint = export(cfg, accelerator, outcome, model_card(facts), run_dir / "checkpoint")
         facts.save(run_dir / FACTS_FILE)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -39,6 +38,7 @@ from abstract_tagger.checkpoint.format import (
     THRESHOLDS_FILE,
     WEIGHTS_FILE,
     check_checkpoint,
+    load_taxonomy,
     read_json,
     swap_in,
 )
@@ -70,8 +70,7 @@ def _readable(folder: Path) -> None:
 
 def score_drift(original: Path, published: Path) -> tuple[float, int]:
     """(largest score change, number of changed tag decisions) on the tag descriptions, both in fp32."""
-    taxonomy = yaml.safe_load((original / "taxonomy.yaml").read_text())
-    texts = [f"{t['name']}. {t['description']}" for t in taxonomy["tags"].values()]
+    texts = [f"{t.name}. {t.description}" for t in load_taxonomy(original).tags]
     before, after = (Tagger.from_pretrained(p, backend="torch", precision="fp32") for p in (original, published))
     a, b = before.scores(texts), after.scores(texts)
     changed = sum(x != y for x, y in zip(before.decide(a), after.decide(b)))

@@ -25,7 +25,9 @@ def test_card_metadata_names_the_hub_base_model_and_what_ships(taxonomy):
     ({"self_training_rounds": 1, "self_training_epochs": 2},
      "then 1 self-training round(s) of 2 epoch(s) on\n  0.7 x weak labels + 0.3 x the model's own probabilities"),
     ({"hand_papers": 1999, "clean_phase_epochs": 1}, "then 1 epoch(s) on the hand-labelled papers alone;"),
-    ({"hand_papers": 1999, "hand_weight": 2.0}, "counted 2.0x in the loss"),
+    ({"hand_papers": 1999, "hand_weight": 2.0}, "counted 2x in the loss"),
+    # Not 0.30000000000000004:
+    ({"self_training_rounds": 1, "self_training_model_weight": 0.7}, "0.3 x weak labels + 0.7 x"),
 ])
 def test_card_describes_the_recipe(taxonomy, training, says):
     text = model_card(card_facts(taxonomy, **training))
@@ -46,3 +48,16 @@ def test_facts_round_trip_and_publishing_adds_the_onnx_section(taxonomy, tmp_pat
     assert "on the\n197 gold-dev papers" in card and "graph over 0.5% disagreement is not published" in card
     assert "| int8 + fp32 recheck | 99.5% | 0.3 |" in card
     assert ModelCard(card).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_facts_of_any_config_save_and_bad_facts_name_their_file(taxonomy, tmp_path):
+    """A {tag: weight} pos_weight (an OmegaConf node in the run) is saved as plain data; a damaged
+    card.json is refused naming the file."""
+    from omegaconf import OmegaConf
+
+    facts = card_facts(taxonomy, pos_weight=OmegaConf.create({"nlp": 2.0}))
+    facts.save(tmp_path / "card.json")
+    assert "pos_weight {'nlp': 2.0}" in model_card(CardFacts.load(tmp_path / "card.json"))
+    (tmp_path / "card.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"card.json: not the facts of a model card"):
+        CardFacts.load(tmp_path / "card.json")

@@ -257,6 +257,25 @@ def test_cache_key_tracks_inputs(root, tmp_path):
     assert cache_key(cfg) != key
 
 
+def test_auto_embedding_precision_is_resolved_before_the_cache_key(root, monkeypatch):
+    """Votes made with bf16 vectors are never served to a run that embeds in fp32, nor the reverse."""
+    from abstract_tagger.labeling import weak_labels
+    from abstract_tagger.labeling.weak_labels import resolve_embedding_precision
+
+    state = weak_labels.process_state()
+    labeling = OmegaConf.to_container(OmegaConf.load(root / "conf/labeling/default.yaml"))
+    assert labeling["embedding"]["precision"] == "auto"
+    resolved = {}
+    for measured in ("bf16", "fp32"):
+        monkeypatch.setattr(weak_labels, "fast_precision", lambda device_type: measured)
+        resolved[measured] = resolve_embedding_precision(labeling, state)
+        assert resolved[measured]["embedding"]["precision"] == measured
+    rules_only = {**labeling, "functions": ["keywords", "arxiv"]}
+    assert resolve_embedding_precision(rules_only, state) is rules_only  # no encoder: nothing to resolve
+    cfg = OmegaConf.create({"data": {"sources": {}, "gold": {}}, "taxonomy": {}, "labeling": labeling})
+    assert cache_key(cfg, resolved["bf16"]) != cache_key(cfg, resolved["fp32"])
+
+
 @pytest.mark.slow
 def test_minilm_embedding_function_and_cache(taxonomy, labeling_cfg, tmp_path, monkeypatch):
     encoder = SentenceEncoder(cache=EmbeddingCache(tmp_path / "e"))

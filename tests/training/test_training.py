@@ -173,7 +173,7 @@ def test_shipped_configs_are_valid(root, taxonomy, overrides):
 def test_review_ranks_biggest_disagreements_first(tmp_path, papers):
     weak = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.1]], dtype=np.float32)
     model = np.array([[0.9, 0.1], [0.1, 0.9], [0.4, 0.1]], dtype=np.float32)
-    pool = pipeline.Pool(papers[:3], weak=weak, model=model, shipped=model)
+    pool = pipeline.Pool(papers[:3], weak=weak, shipped=model)
     pipeline.write_review(tmp_path / "review.jsonl", pool, np.array([0.5, 0.5]), 0.5, ["a", "b"],
                           {papers[1].id: ["b"]}, size=10)
     rows = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from abstract_tagger.common.config import plain
 from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.training.evaluation import Evaluation
 
@@ -54,17 +55,21 @@ class CardFacts:
         data = {**{f.name: getattr(self, f.name) for f in fields(self)}, "evaluation": self.evaluation.to_dict(),
                 "taxonomy": self.taxonomy.to_dict(), "onnx": asdict(self.onnx) if self.onnx else None,
                 "functions": list(self.functions)}
-        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        # default=plain: settings straight from the run's config (pos_weight={tag: w}) are OmegaConf nodes.
+        path.write_text(json.dumps(data, indent=1, default=plain) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> CardFacts:
         if not path.is_file():
             raise ValueError(f"{path}: not found; it is written by training runs of this version: retrain, "
                              "then publish")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(**{**data, "evaluation": Evaluation.from_dict(data["evaluation"]),
-                      "taxonomy": Taxonomy.from_config(data["taxonomy"]),
-                      "onnx": OnnxFacts(**data["onnx"]) if data["onnx"] else None})
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{**data, "evaluation": Evaluation.from_dict(data["evaluation"]),
+                          "taxonomy": Taxonomy.from_config(data["taxonomy"]),
+                          "onnx": OnnxFacts(**data["onnx"]) if data["onnx"] else None})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not the facts of a model card ({type(e).__name__}: {e})") from None
 
 
 def _hub_id(backbone: str) -> str:
@@ -89,5 +94,7 @@ def model_card(facts: CardFacts) -> str:
         eval_results=_eval_results(facts.evaluation))
     card = ModelCard.from_template(data, template_path=str(TEMPLATE), rows=ROWS, backbone=facts.backbone,
                                    corpus=facts.corpus, functions=list(facts.functions), training=facts.training,
-                                   evaluation=facts.evaluation, taxonomy=facts.taxonomy, onnx=facts.onnx)
-    return str(card)
+                                   evaluation=facts.evaluation, taxonomy=facts.taxonomy, onnx=facts.onnx,
+                                   # Numbers as the config spells them: 0.3, not 0.30000000000000004.
+                                   g=lambda x: f"{x:g}")
+    return str(card).rstrip("\n") + "\n"

@@ -39,16 +39,17 @@ def export_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
-        export_onnx(tmp)
-        # pipeline() and predict truncate where training did.
-        tokenizer.model_max_length = max_length
-        tokenizer.save_pretrained(tmp)
+        # The format's own files first: a bad one fails before the weights and graphs are written.
         save_thresholds(thresholds, taxonomy, tmp)
         save_taxonomy(taxonomy, tmp)
         (tmp / CARD_FILE).write_text(card)
         if blend is not None:
             save_rules(blend, tmp)
+        model.save_pretrained(tmp)
+        export_onnx(tmp)
+        # pipeline() and predict truncate where training did.
+        tokenizer.model_max_length = max_length
+        tokenizer.save_pretrained(tmp)
         swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

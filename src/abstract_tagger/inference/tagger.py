@@ -104,7 +104,8 @@ class Tagger:
         precision: str | None = None, batch_size: int | None = None,
         recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
     ) -> Tagger:
-        """Options left None take the package's defaults (inference/predict_defaults.yaml, which says what each means)."""
+        """Options left None take the package's defaults (inference/predict_defaults.yaml, which says
+        what each means)."""
         given = {"backend": backend, "precision": precision, "batch_size": batch_size,
                  "recheck_margin": recheck_margin, "num_threads": num_threads}
         # `is None`, not `or`: batch_size=0 is an error to report, not a request for the default.

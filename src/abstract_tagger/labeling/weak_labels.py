@@ -36,6 +36,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from abstract_tagger.common.bundled import resolve_path
@@ -194,11 +195,24 @@ def _code_digest() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def cache_key(cfg: DictConfig) -> str:
+def resolve_embedding_precision(labeling: dict[str, Any], state) -> dict[str, Any]:
+    """`labeling` with `embedding.precision: auto` resolved to bf16 or fp32: the main process measures
+    and every rank uses its answer, so one result never mixes vectors of both, and the cache key names
+    the precision the votes were made with."""
+    embedding_cfg = labeling["embedding"]
+    if "embedding" not in labeling["functions"] or embedding_cfg["precision"] != "auto":
+        return labeling
+    choice = [fast_precision(torch.device(state.device).type) if state.is_main_process else None]
+    broadcast_object_list(choice)
+    return {**labeling, "embedding": {**embedding_cfg, "precision": "bf16" if choice[0] == "bf16" else "fp32"}}
+
+
+def cache_key(cfg: DictConfig, labeling: Mapping[str, Any] | None = None) -> str:
     """Hash of everything the result depends on: corpus and gold file contents, the data,
-    taxonomy and labeling configs (minus the cache switch), and the code."""
+    taxonomy and labeling configs (`labeling`: the labeling config as run, its precision resolved;
+    minus the cache switch), and the code."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    labeling = OmegaConf.to_container(cfg.labeling, resolve=True)
+    labeling = dict(labeling or OmegaConf.to_container(cfg.labeling, resolve=True))
     labeling.pop("cache", None)
     parts = {
         "code": _code_digest(),
@@ -216,10 +230,10 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
     """The weak labels of the configured corpus, from the cache where finished. Under a launcher every
     rank calls it: ranks share the voting, and every rank gets the same result."""
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
-    labeling = OmegaConf.to_container(cfg.labeling, resolve=True)
     state = process_state()
+    labeling = resolve_embedding_precision(OmegaConf.to_container(cfg.labeling, resolve=True), state)
     cache_dir = Path(cfg.paths.cache_dir)
-    root = cache_dir / "weak_labels" / cache_key(cfg)
+    root = cache_dir / "weak_labels" / cache_key(cfg, labeling)
     if labeling["cache"] and (labels := WeakLabels.load(root)) is not None:
         log.info("%s (cached: %s)", labels.report["corpus"]["summary"], root)
         return labels

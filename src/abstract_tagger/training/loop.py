@@ -396,7 +396,7 @@ class Trainer:
 
     def fit(self) -> FitResult:
         self.resume()
-        plan, result = self.plan, self.result
+        plan = self.plan
         bar = progress_bar(total=plan.total_batches * self.global_batch, initial=self.done_batches * self.global_batch,
                            unit="sample", unit_scale=True, disable=not self.accelerator.is_local_main_process)
         self.model.train()
