@@ -329,7 +329,8 @@ def test_7_resumed_self_training_run_reports_every_epoch_of_every_round(root, pa
     weak = synthetic_targets(papers, taxonomy)
     train_rows = labelled_dataset(papers[:40], weak[:40], minilm_tokenizer(), 64).add_column("hand", [False] * 40)
     data = TrainingData(train_rows, papers[40:48], weak[40:48],
-                        Split({"dev/a": np.arange(8)}, {"dev/a": (weak[40:48] > 0.5).astype(np.int8)}), 48, {})
+                        Split({"dev/a": np.arange(8)}, {"dev/a": (weak[40:48] > 0.5).astype(np.int8)}), 48, {},
+                        vote_names=[], held_out_votes=np.zeros((8, 0, len(taxonomy)), np.int8))
 
     def train(run_dir, *more):
         cfg = make_cfg(root, *overrides, *more)
