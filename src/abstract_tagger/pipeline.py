@@ -56,6 +56,11 @@ class Trained:
         return sum(r.seconds for r in self.rounds)
 
     @property
+    def steps(self) -> int:
+        """Optimizer steps of every round so far: where the next one's count starts."""
+        return sum(r.epoch_steps[-1] for r in self.rounds if r.epoch_steps)
+
+    @property
     def samples_per_s(self) -> float:
         seen = sum(r.samples_per_s * r.seconds for r in self.rounds)
         return seen / self.seconds if self.seconds else 0.0
@@ -91,13 +96,14 @@ def train(cfg: DictConfig, accelerator: Accelerator, backbone: Backbone, data: T
                 "labels", mixed.astype(np.float32).tolist(), feature=train_data.features["labels"])
             accelerator.print(f"self-training round {r}: targets = {1 - st.model_weight:g} x weak labels + "
                               f"{st.model_weight:g} x model")
-        phase = Phase.weak(t) if r == 0 else Phase(f"round-{r}", st.epochs, t.lr, t.head_lr, t.max_steps)
+        phase = Phase.weak(t) if r == 0 else Phase(f"round-{r}", st.epochs, t.lr, t.head_lr, t.max_steps,
+                                                   first_step=trained.steps)
         trained.rounds.append(fit(t, accelerator, model, tokenizer, on(round_data), run_dir / STATE_DIR / phase.name,
                                   phase))
     if cp.epochs:
         clean = train_data.select(np.flatnonzero(train_data.with_format("numpy")["hand"]))
         accelerator.print(f"clean phase: {len(clean)} hand-labelled papers, {cp.epochs} epoch(s)")
-        phase = Phase("clean", cp.epochs, cp.lr, cp.head_lr)
+        phase = Phase("clean", cp.epochs, cp.lr, cp.head_lr, first_step=trained.steps)
         trained.rounds.append(fit(t, accelerator, model, tokenizer, on(clean), run_dir / STATE_DIR / phase.name, phase))
     backbone.model = model
     return trained

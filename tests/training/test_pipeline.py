@@ -149,8 +149,11 @@ def test_self_training_rounds_relabel_with_the_model_and_keep_hand_labels(root, 
     monkeypatch.setattr(pipeline, "fit", spy)
     backbone = pipeline.load_model(cfg, taxonomy.ids)
     accelerator = pipeline.make_accelerator(cfg)
+    logged = []  # the steps trackers get: wandb drops one lower than a step already logged
+    monkeypatch.setattr(accelerator, "log", lambda values, step=None, **kw: logged.append(step))
     trained = pipeline.train(cfg, accelerator, backbone, data, taxonomy.ids, tmp_path)
     assert len(trained.rounds) == 3 and all(r.losses for r in trained.rounds)
+    assert logged == sorted(logged) and logged[-1] == trained.steps == sum(r.epoch_steps[-1] for r in trained.rounds)
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["round-0", "round-1", "round-2"]
     np.testing.assert_array_equal(seen[0], targets)
     for later in seen[1:]:

@@ -136,13 +136,16 @@ def _latest_state(state_root: Path) -> Path | None:
 
 @dataclass(frozen=True)
 class Phase:
-    """One call of `fit`: how long and how fast (`max_steps`, where set, replaces `epochs`)."""
+    """One call of `fit`: how long and how fast (`max_steps`, where set, replaces `epochs`).
+    `first_step`: the optimizer steps of the phases before it, where its steps continue the run's
+    count for the trackers (wandb drops a step lower than one already logged)."""
 
     name: str
     epochs: int
     lr: float
     head_lr: float | None
     max_steps: int | None = None
+    first_step: int = 0
 
     @classmethod
     def weak(cls, t: DictConfig) -> Phase:
@@ -365,7 +368,8 @@ class Trainer:
         self.result.steps.append(step)
         self.result.losses.append(mean_loss)
         self.accelerator.log({"train/loss": mean_loss, "train/lr": self.scheduler.get_last_lr()[0],
-                              "train/epoch": self.done_batches / self.plan.batches_per_epoch}, step=step)
+                              "train/epoch": self.done_batches / self.plan.batches_per_epoch},
+                             step=self.phase.first_step + step)
         bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, refresh=False)
 
     def run_epoch(self, epoch: int, bar) -> torch.Tensor:
@@ -409,7 +413,7 @@ class Trainer:
             result.epoch_metrics.append(_evaluate_epoch(self.accelerator, self.model, self.dev_loader, self.data,
                                                         epoch, plan.epochs))
             result.epoch_steps.append(plan.optimizer_steps(self.done_batches))
-            self.accelerator.log(result.epoch_metrics[-1], step=result.epoch_steps[-1])
+            self.accelerator.log(result.epoch_metrics[-1], step=self.phase.first_step + result.epoch_steps[-1])
             self.save(loss)
         bar.close()
         self.result.samples_per_s = self.result.seen / self.result.seconds if self.result.seconds else 0.0
