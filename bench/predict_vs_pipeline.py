@@ -1,6 +1,6 @@
 """predict (Tagger / predict.py) against `transformers.pipeline` on the same checkpoint and machine.
 
-    python bench/predict_vs_pipeline.py [--checkpoint DIR] [--rss-checkpoint DIR] [--backend auto|onnx|torch] [--quick]
+    python bench/predict_vs_pipeline.py [--checkpoint DIR] [--rss-checkpoint DIR] [--backend auto|openvino|onnx|torch] [--quick]
     python bench/predict_vs_pipeline.py --matrix [--quick]   # one row per backend x precision, auto's marked
 
 Measures, in one run so that ratios are comparable on a shared machine:
@@ -227,17 +227,18 @@ def peak_rss(checkpoint: Path, files: dict[str, Path], backend: str) -> dict:
 
 
 # Every backend x precision that predict.py can run on a CPU, each measured whole process.
-MATRIX = (("onnx", "int8"), ("onnx", "fp32"), ("torch", "bf16"), ("torch", "fp32"))
+MATRIX = (("openvino", "int8"), ("openvino", "fp32"), ("onnx", "int8"), ("onnx", "fp32"), ("torch", "bf16"),
+          ("torch", "fp32"))
 
 
 def auto_pick(checkpoint: Path) -> tuple[str, str]:
     """What backend=auto precision=auto run on this machine (as predict.py resolves them)."""
     from abstract_tagger.checkpoint.format import ONNX_INT8
     from abstract_tagger.common.runtime import fast_precision
-    from abstract_tagger.inference.options import choose_backend
+    from abstract_tagger.inference.options import GRAPH_BACKENDS, choose_backend
 
     backend = choose_backend("auto", checkpoint)
-    if backend == "onnx":
+    if backend in GRAPH_BACKENDS:
         return backend, "int8" if (checkpoint / ONNX_INT8).is_file() else "fp32"
     return backend, fast_precision("cpu")
 
@@ -279,7 +280,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/abstract-tagger-minilm")
     parser.add_argument("--rss-checkpoint", type=Path, default=None,
                         help="checkpoint for the peak-RSS runs (default: --checkpoint)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnx", "torch"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--matrix", action="store_true", help="only the backend x precision table")
     parser.add_argument("--pipeline-worker", type=Path, help=argparse.SUPPRESS)

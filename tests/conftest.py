@@ -47,7 +47,8 @@ def tiny_onnx_checkpoint(tmp_path_factory, tiny_checkpoint) -> Path:
     import shutil
 
     from abstract_tagger.checkpoint.onnx_export import export_onnx
+    from helpers import CALIBRATION
 
     path = tmp_path_factory.mktemp("tiny-onnx-checkpoint") / "checkpoint"
-    export_onnx(shutil.copytree(tiny_checkpoint, path))
+    export_onnx(shutil.copytree(tiny_checkpoint, path), CALIBRATION)
     return path

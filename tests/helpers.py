@@ -24,8 +24,11 @@ RL = (
     "A reinforcement learning agent learns a policy from reward in Markov decision process environments.",
 )
 TRAIN = [(SPEECH, "speech-audio"), (VISION, "computer-vision"), (RL, "reinforcement-learning")]
-# The prediction backends a test runs on (the tiny checkpoint with its ONNX graphs serves both).
-BACKENDS = ["torch", "onnx"]
+# The texts the tiny checkpoint's int8 graph is calibrated on: short and long, as prediction sees them.
+CALIBRATION = [f"{title}. {abstract}" for (title, abstract), _ in TRAIN] + [
+    " ".join(f"{title}. {abstract}" for (title, abstract), _ in TRAIN[:n]) * n for n in (2, 3)]
+# The prediction backends a test runs on (the tiny checkpoint with its ONNX graphs serves all).
+BACKENDS = ["torch", "onnx", "openvino"]
 
 
 def build_tiny_checkpoint(path: Path, taxonomy) -> Path:

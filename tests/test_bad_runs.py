@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from helpers import (
+    CALIBRATION,
     Killed,
     card_facts,
     fit,
@@ -245,8 +246,8 @@ def test_7_export_clears_what_a_killed_export_left(tiny_checkpoint, taxonomy, tm
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
     (tmp_path / ".checkpoint.k1ll3d").mkdir()  # a temp dir of an export killed with SIGKILL
     (tmp_path / ".checkpoint.k1ll3d/model.safetensors").write_bytes(b"half")
-    export_checkpoint(model, AutoTokenizer.from_pretrained(tiny_checkpoint), tmp_path / "checkpoint",
-                      thresholds=dict.fromkeys(taxonomy.ids, 0.5), taxonomy=taxonomy, max_length=64)
+    export_checkpoint(model, AutoTokenizer.from_pretrained(tiny_checkpoint, model_max_length=64), tmp_path / "checkpoint",
+                      thresholds=dict.fromkeys(taxonomy.ids, 0.5), taxonomy=taxonomy, calibration=CALIBRATION)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
@@ -473,7 +474,7 @@ def corrupt_tokenizer(path):
     (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPiece", "vocab": 3}}')
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("backend", ["openvino", "onnx", "torch"])
 @pytest.mark.parametrize("damage, message", [
     (resaved_with_a_longer_header, "model.onnx: made from another model.safetensors"),
     (other_weights_same_layout, "model.onnx: made from another model.safetensors"),

@@ -263,11 +263,13 @@ def card_facts(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome) -> C
 
 
 def export(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, card: str, out_dir: Path) -> Path:
-    """The checkpoint, its weights in `export.dtype`."""
+    """The checkpoint, its weights in `export.dtype`, its int8 graph calibrated on training papers."""
     model = accelerator.unwrap_model(outcome.trained.backbone.model).to(getattr(torch, cfg.export.dtype))
-    return export_checkpoint(model, outcome.trained.backbone.tokenizer, out_dir,
-                             thresholds=outcome.evaluation.thresholds, taxonomy=outcome.taxonomy,
-                             max_length=cfg.model.max_length, card=card, blend=outcome.blend)
+    calibration = [p.text for papers, _, _ in outcome.data.train_papers(cfg.export.calibration_papers) for p in papers]
+    tokenizer = outcome.trained.backbone.tokenizer
+    tokenizer.model_max_length = cfg.model.max_length  # pipeline() and predict truncate where training did
+    return export_checkpoint(model, tokenizer, out_dir, thresholds=outcome.evaluation.thresholds,
+                             taxonomy=outcome.taxonomy, calibration=calibration, card=card, blend=outcome.blend)
 
 
 def _charts(accelerator: Accelerator, outcome: Outcome, run_dir: Path) -> None:

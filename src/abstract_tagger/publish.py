@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from itertools import islice
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from abstract_tagger.checkpoint.format import (
 from abstract_tagger.checkpoint.onnx_export import export_onnx
 from abstract_tagger.common.config import fraction_at, one_of, positive_at, require
 from abstract_tagger.data.corpus import Paper, read_gold, read_source
+from abstract_tagger.inference.options import GRAPH_BACKENDS
 from abstract_tagger.inference.tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -91,24 +93,32 @@ def dev_texts(dev_sets: Mapping[str, Mapping[str, Any]], tag_ids: Sequence[str])
     return texts
 
 
+def calibration_texts(spec: Mapping[str, Any]) -> list[str]:
+    """The first `n` papers of the corpus file `spec` names: the int8 graph's calibration."""
+    fields = {"fields": spec["fields"]} if spec.get("fields") else {}
+    papers = (p for p in read_source(spec["papers"], spec.get("format"), **fields) if isinstance(p, Paper))
+    return [p.text for p in islice(papers, spec["n"])]
+
+
 def onnx_agreement(checkpoint: Path, texts: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per ONNX graph, against torch fp32 on `texts`: the share of papers with the same tag set and
-    the largest score change, alone and as predict runs it (int8: near-threshold papers rescored)."""
+    """Per engine and ONNX graph, against torch fp32 on `texts`: the share of papers with the same tag
+    set and the largest score change, alone and as predict runs it (int8: near-threshold papers rescored)."""
     reference = Tagger.from_pretrained(checkpoint, backend="torch", precision="fp32")
     ref = reference.scores(texts)
     expected = [set(t) for t in reference.decide(ref)]
     runs = {"fp32": ("fp32", None), "int8": ("int8", 0.0), "int8 + fp32 recheck": ("int8", None)}
     report = {}
-    for label, (precision, margin) in runs.items():
-        tagger = Tagger.from_pretrained(checkpoint, backend="onnx", precision=precision, recheck_margin=margin)
-        scores = tagger.scores(texts)
-        same = np.mean([set(t) == e for t, e in zip(tagger.decide(scores), expected)])
-        report[label] = {"same_tags": float(same), "max_score_diff": float(np.abs(scores - ref).max())}
+    for engine in GRAPH_BACKENDS:
+        for label, (precision, margin) in runs.items():
+            tagger = Tagger.from_pretrained(checkpoint, backend=engine, precision=precision, recheck_margin=margin)
+            scores = tagger.scores(texts)
+            same = np.mean([set(t) == e for t, e in zip(tagger.decide(scores), expected)])
+            report[f"{engine} {label}"] = {"same_tags": float(same), "max_score_diff": float(np.abs(scores - ref).max())}
     return report
 
 
 def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max_score_diff: float,
-            max_disagreement: float, dev_sets: Mapping[str, Mapping[str, Any]]) -> Path:
+            max_disagreement: float, dev_sets: Mapping[str, Mapping[str, Any]], calibration: Sequence[str]) -> Path:
     src = check_checkpoint(run_dir / "checkpoint")
     facts = CardFacts.load(run_dir / FACTS_FILE)  # the card is rendered again, with its ONNX section
     out_dir = Path(out_dir)
@@ -121,7 +131,7 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         print(f"fp16 check: largest score change {drift:.2e}, changed tag decisions {changed}")
         if drift > max_score_diff:
             raise ValueError(f"fp16 weights move scores by {drift:.3g}, over max_score_diff={max_score_diff}")
-        export_onnx(tmp)
+        export_onnx(tmp, calibration)
         size = folder_mb(tmp)
         if size > max_mb:
             raise ValueError(f"{src}: the fp16 checkpoint with its ONNX graphs is {size:.1f} MB, over max_mb={max_mb}")
@@ -131,7 +141,7 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         for label, a in agreement.items():
             print(f"ONNX {label}: same tag set as torch fp32 on {a['same_tags']:.1%} of {len(texts)} dev papers, "
                   f"largest score change {a['max_score_diff']:.2g}")
-        used = {k: v for k, v in agreement.items() if k != "int8"}  # int8 alone is never how predict runs it
+        used = {k: v for k, v in agreement.items() if not k.endswith(" int8")}  # int8 alone is never how predict runs it
         bad = [k for k, a in used.items() if 1 - a["same_tags"] > max_disagreement]
         if bad:
             raise ValueError(f"ONNX graph(s) {bad} disagree with torch fp32 on more than "
@@ -172,7 +182,7 @@ def publish_from_config(cfg: DictConfig) -> None:
     validate_publish(run_dir, opts)
     dry_run = opts["dry_run"]
     with tempfile.TemporaryDirectory() if dry_run else nullcontext(opts["out_dir"]) as out_dir:
-        dest = publish(run_dir, out_dir=out_dir, **{k: opts[k] for k in (
+        dest = publish(run_dir, out_dir=out_dir, calibration=calibration_texts(opts["calibration"]), **{k: opts[k] for k in (
             "name", "max_mb", "max_score_diff", "max_disagreement", "dev_sets")})
         if dry_run:
             print(f"dry run: {Path(opts['out_dir']) / opts['name']} left as it is")
@@ -202,6 +212,10 @@ def validate_publish(run_dir: Path, opts: Mapping[str, Any]) -> None:
             value = OmegaConf.select(spec, key) if isinstance(spec, DictConfig) else None
             require(isinstance(value, str) and Path(value).is_file(), f"dev_sets.{name}.{key}", "file not found",
                      value)
+    require(isinstance(cfg.calibration, DictConfig) and isinstance(cfg.calibration.get("papers"), str)
+            and Path(cfg.calibration.papers).is_file(), "calibration.papers", "file not found",
+            OmegaConf.select(cfg, "calibration.papers"))
+    positive_at(cfg, "calibration.n", integer=True)
     for key in ("push_to_hub", "private", "dry_run"):
         one_of(cfg, key, (True, False))
     if cfg.push_to_hub:

@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import onnx
 import pytest
-from helpers import TRAIN, card_facts, run_publish
+from helpers import CALIBRATION, TRAIN, card_facts, run_publish
 from huggingface_hub import ModelCard
 from onnx import numpy_helper
 from safetensors import safe_open
@@ -39,7 +39,8 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
     assert (dest / "model.safetensors").stat().st_size < 0.6 * (run_dir / "checkpoint/model.safetensors").stat().st_size
     out = capsys.readouterr().out
     assert "changed tag decisions 0" in out
-    assert "ONNX fp32: same tag set as torch fp32 on 100.0% of 197 dev papers" in out  # 87 seed + 110 recent
+    for engine in ("openvino", "onnx"):  # 87 seed + 110 recent dev papers
+        assert f"ONNX {engine} fp32: same tag set as torch fp32 on 100.0% of 197 dev papers" in out
 
     # The ONNX graphs read the fp16 weights from model.safetensors: the int8 weights are all they add.
     assert {"model.onnx", "model_quantized.onnx"} <= {p.name for p in dest.iterdir()}
@@ -49,11 +50,12 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
     card = (dest / "README.md").read_text()
     assert card.startswith(model_card(CardFacts.load(run_dir / "card.json")).rstrip())
     assert ModelCard(card).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
-    assert "| fp32 | 100.0% |" in card and card.count("## ONNX Runtime") == 1
+    assert "| openvino fp32 | 100.0% |" in card and "| onnx fp32 | 100.0% |" in card
+    assert card.count("## ONNX graphs") == 1
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
     before = Tagger.from_pretrained(run_dir / "checkpoint", precision="fp32")
-    for backend in ("torch", "onnx"):
+    for backend in ("torch", "onnx", "openvino"):
         after = Tagger.from_pretrained(dest, backend=backend, precision="fp32")
         np.testing.assert_allclose(before.scores(texts), after.scores(texts), atol=5e-3)
         assert [r["tags"] for r in after.predict(texts)] == [[tag] for _, tag in TRAIN]
@@ -63,8 +65,8 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
 def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, monkeypatch):
     from abstract_tagger import publish
 
-    def export_a_bad_fp32_graph(checkpoint):
-        written = export_onnx(checkpoint)
+    def export_a_bad_fp32_graph(checkpoint, calibration):
+        written = export_onnx(checkpoint, calibration)
         graph = onnx.load(written["model.onnx"], load_external_data=False)
         bias = next(t for t in graph.graph.initializer if "classifier.bias" in t.name)
         bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 3.0, bias.name))  # every logit +3
@@ -72,7 +74,7 @@ def test_publish_refuses_an_onnx_graph_that_tags_differently(run_dir, tmp_path, 
         return written
 
     monkeypatch.setattr(publish, "export_onnx", export_a_bad_fp32_graph)
-    with pytest.raises(SystemExit, match=r"^error: ONNX graph\(s\) \['fp32'.*\] disagree with torch fp32"):
+    with pytest.raises(SystemExit, match=r"^error: ONNX graph\(s\) \['openvino fp32'.*'onnx fp32'.*\] disagree with torch fp32"):
         run_publish(f"run_dir={run_dir}", f"out_dir={tmp_path / 'checkpoints'}")
     assert list((tmp_path / "checkpoints").iterdir()) == []
 

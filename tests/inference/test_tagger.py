@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import BACKENDS, SPEECH, TRAIN
+from helpers import BACKENDS, CALIBRATION, SPEECH, TRAIN
 
 from abstract_tagger import Tagger
 from abstract_tagger.checkpoint.format import CheckpointError, check_checkpoint, save_rules
@@ -122,14 +122,16 @@ def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onn
     np.testing.assert_allclose(out[~near], tagger.blend.mix(raw, rules)[~near], atol=1e-6)
 
 
-def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint):
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_onnx_graphs_give_torch_fp32_scores(tiny_onnx_checkpoint, engine):
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
     torch_fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="torch", precision="fp32")
-    onnx_fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="fp32")
-    int8 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8", recheck_margin=0)
+    onnx_fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine, precision="fp32")
+    int8 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine, precision="int8", recheck_margin=0)
     ref = torch_fp32.scores(texts)
     np.testing.assert_allclose(onnx_fp32.scores(texts), ref, atol=1e-5)
-    assert np.abs(int8.scores(texts) - ref).max() < 0.05
+    # Static int8 moves this 2-layer toy's scores by up to ~0.07; the tags stay.
+    assert np.abs(int8.scores(texts) - ref).max() < 0.1
     assert int8.decide(int8.scores(texts)) == torch_fp32.decide(ref)
     # The graphs keep no copy of the weights they share with model.safetensors (the word embeddings).
     assert (tiny_onnx_checkpoint / "model.onnx").stat().st_size < 0.1 * (
@@ -145,8 +147,8 @@ def test_every_backend_name_has_a_loader():
 
 @pytest.mark.parametrize("flags, gpu, graphs, expected", [
     ({"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}, False, True, "torch"),  # Intel with AMX
-    ({"avx512_bf16", "avx512_vnni"}, False, True, "onnx"),    # AMD EPYC; Intel with AMX not exposed
-    ({"avx2"}, False, True, "onnx"),                           # no bf16 instructions at all
+    ({"avx512_bf16", "avx512_vnni"}, False, True, "openvino"),  # AMD EPYC; Intel with AMX not exposed
+    ({"avx2"}, False, True, "openvino"),                           # no bf16 instructions at all
     ({"avx512_bf16", "avx512_vnni"}, True, True, "torch"),    # a GPU
     ({"avx512_bf16", "avx512_vnni"}, False, False, "torch"),  # no ONNX graphs (an unpublished checkpoint)
 ])
@@ -169,32 +171,40 @@ def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
 
     monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", {"avx512_bf16"}))
     monkeypatch.setattr(options, "_gpu_visible", lambda: False)
-    assert choose_backend("auto", tiny_onnx_checkpoint) == "onnx"
+    assert choose_backend("auto", tiny_onnx_checkpoint) == "openvino"
     assert choose_backend("auto", tiny_checkpoint) == "torch"  # no ONNX graphs: torch, as before publishing
     assert choose_backend("auto", tiny_onnx_checkpoint, device="cuda") == "torch"
     assert choose_backend("torch", tiny_onnx_checkpoint) == "torch"
     monkeypatch.setattr(options, "_gpu_visible", lambda: True)
     assert choose_backend("auto", tiny_onnx_checkpoint) == "torch"
     assert choose_backend("onnx", tiny_onnx_checkpoint) == "onnx"
-    with pytest.raises(CheckpointError, match="no model.onnx"):
-        choose_backend("onnx", tiny_checkpoint)
+    assert choose_backend("openvino", tiny_onnx_checkpoint) == "openvino"
+    for engine in ("onnx", "openvino"):
+        with pytest.raises(CheckpointError, match="no model.onnx"):
+            choose_backend(engine, tiny_checkpoint)
+        with pytest.raises(ValueError, match=f"backend={engine} runs on the CPU, not on cuda"):
+            choose_backend(engine, tiny_onnx_checkpoint, device="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         choose_backend("tensorrt", tiny_onnx_checkpoint)
     with pytest.raises(ValueError, match=r"^precision='bf16': must be one of \('auto', 'fp32', 'int8'\)"):
         Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="bf16")
 
 
-def test_onnx_threads_default_to_physical_cores(tiny_onnx_checkpoint):
-    from abstract_tagger.inference.backends.onnx_backend import physical_cores
+def test_graph_threads_default_to_physical_cores(tiny_onnx_checkpoint):
+    from abstract_tagger.inference.backends.graph import physical_cores
 
-    assert Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx").backend.num_threads == physical_cores() >= 1
+    for engine in ("onnx", "openvino"):
+        assert Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine).backend.num_threads == physical_cores() >= 1
     one = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", num_threads=1).backend
     assert one.num_threads == 1 and one.fast.get_session_options().intra_op_num_threads == 1
+    one = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", num_threads=1).backend
+    assert one.fast.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 1
 
 
 @pytest.mark.slow
-def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy, tmp_path, root):
-    """predict.py and the Tagger API on the ONNX backend, rule blend included: no torch, transformers or
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_graph_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy, tmp_path, root, engine):
+    """predict.py and the Tagger API on a graph backend, rule blend included: no torch, transformers or
     sklearn loaded."""
     from abstract_tagger.labeling.label_model import MajorityVote
     from abstract_tagger.labeling.rule_blend import RuleBlend, rule_functions
@@ -206,10 +216,10 @@ def test_onnx_backend_process_never_imports_torch(tiny_onnx_checkpoint, taxonomy
     script = f"""
 import runpy, sys
 sys.argv = ["predict.py", "input={tmp_path / 'in.jsonl'}", "output={tmp_path / 'out.jsonl'}",
-            "checkpoint={tiny_onnx_checkpoint}", "progress=false"]
+            "checkpoint={tiny_onnx_checkpoint}", "progress=false", "backend={engine}"]
 runpy.run_path({str(root / 'predict.py')!r}, run_name="__main__")
 from abstract_tagger import Tagger
-tags = Tagger.from_pretrained({str(tiny_onnx_checkpoint)!r}).predict([{" ".join(SPEECH)!r}])[0]["tags"]
+tags = Tagger.from_pretrained({str(tiny_onnx_checkpoint)!r}, backend={engine!r}).predict([{" ".join(SPEECH)!r}])[0]["tags"]
 print("TAGS", tags, "LOADED", sorted(m for m in ("torch", "transformers", "sklearn", "accelerate") if m in sys.modules))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -233,12 +243,13 @@ def _nan_classifier(path):
      "cannot load: SafetensorError"),
     (lambda p: (p / "model.onnx").write_bytes(b"not a graph"), "cannot load model.onnx"),
 ], ids=["nan-weights", "half-safetensors", "bad-graph"])
-def test_onnx_backend_refuses_a_broken_checkpoint_naming_it(tiny_onnx_checkpoint, tmp_path, damage, message):
-    """What torch's loading refuses, the ONNX backend refuses too (its graphs read model.safetensors)."""
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_graph_backends_refuse_a_broken_checkpoint_naming_it(tiny_onnx_checkpoint, tmp_path, damage, message, engine):
+    """What torch's loading refuses, the graph backends refuse too (their graphs read model.safetensors)."""
     path = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "ckpt")
     damage(path)
     with pytest.raises(CheckpointError, match=message) as err:
-        Tagger.from_pretrained(path, backend="onnx", precision="fp32")
+        Tagger.from_pretrained(path, backend=engine, precision="fp32")
     assert str(path) in str(err.value)
 
 
@@ -305,7 +316,7 @@ def test_onnx_export_keeps_onnxruntime_info_out_of_the_logs(tiny_checkpoint, tmp
     from abstract_tagger.checkpoint.onnx_export import export_onnx
 
     with caplog.at_level(logging.INFO):
-        export_onnx(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+        export_onnx(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"), CALIBRATION)
         assert [r.getMessage() for r in caplog.records if r.levelno < logging.WARNING] == []
         logging.getLogger("after").info("shown again")  # logging is back as it was
     assert "shown again" in caplog.text

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import fit, make_cfg, weights
+from helpers import CALIBRATION, fit, make_cfg, weights
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from abstract_tagger import Tagger, pipeline
@@ -37,8 +37,9 @@ def test_loss_falls_and_export_loads(root, papers, taxonomy, tmp_path):
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["batch-25", "batch-30"]  # keep_states=2
 
     thresholds = {t: 0.3 for t in taxonomy.ids}
+    result.backbone.tokenizer.model_max_length = 64
     out = export_checkpoint(result.backbone.model.half(), result.backbone.tokenizer, tmp_path / "checkpoint",
-                            thresholds=thresholds, taxonomy=taxonomy, max_length=64, card="# card\n")
+                            thresholds=thresholds, taxonomy=taxonomy, calibration=CALIBRATION, card="# card\n")
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.problem_type == "multi_label_classification"
     assert [model.config.id2label[i] for i in range(18)] == taxonomy.ids
@@ -50,7 +51,7 @@ def test_loss_falls_and_export_loads(root, papers, taxonomy, tmp_path):
     np.testing.assert_allclose(on_onnx.scores(texts), on_torch.scores(texts), atol=1e-5)
     # Atomic overwrite: a second export replaces the first and leaves no temp dirs behind.
     export_checkpoint(result.backbone.model, result.backbone.tokenizer, out, thresholds=thresholds,
-                      taxonomy=taxonomy, max_length=64, card="")
+                      taxonomy=taxonomy, calibration=CALIBRATION, card="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "state"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,12 +24,14 @@ def export_checkpoint(
     *,
     thresholds: Mapping[str, float],
     taxonomy: Taxonomy,
-    max_length: int,
+    calibration: Sequence[str],
     card: str = "",
     blend: RuleBlend | None = None,
 ) -> Path:
-    """Write the checkpoint (with its ONNX graphs) to a temporary sibling directory, then rename it over
-    `out_dir`. The weights are written in the model's dtype (the caller casts it: `export.dtype`)."""
+    """Write the checkpoint (with its ONNX graphs, the int8 one calibrated on the `calibration` texts) to
+    a temporary sibling directory, then rename it over `out_dir`. The weights are written in the model's
+    dtype (the caller casts it: `export.dtype`); the tokenizer with its `model_max_length` set to the
+    length training read, where pipeline() and predict truncate (and the calibration does)."""
     out_dir = Path(out_dir)
     if model.config.problem_type != "multi_label_classification" or model.config.num_labels != len(taxonomy):
         raise ValueError("model head is not a multi-label head over the taxonomy tags")
@@ -46,10 +48,8 @@ def export_checkpoint(
         if blend is not None:
             save_rules(blend, tmp)
         model.save_pretrained(tmp)
-        export_onnx(tmp)
-        # pipeline() and predict truncate where training did.
-        tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(tmp)
+        export_onnx(tmp, calibration)
         swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,13 @@ from abstract_tagger.common.config import ConfigError, one_of, plain, require
 from abstract_tagger.common.files import exclusive, file_digest, lock_path, write_atomic
 from abstract_tagger.common.progress import progress_bar
 from abstract_tagger.data.corpus import FORMATS, CorpusError, Paper, Reject, batched, read_source
-from abstract_tagger.inference.options import PREDICT_OPTIONS, check_predict_options, choose_backend, predict_defaults
+from abstract_tagger.inference.options import (
+    GRAPH_BACKENDS,
+    PREDICT_OPTIONS,
+    check_predict_options,
+    choose_backend,
+    predict_defaults,
+)
 from abstract_tagger.inference.tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -406,10 +412,10 @@ def predict_from_config(cfg: Any) -> PredictStats:
     process merges the parts in input order (torch backend: the processes meet through torch.distributed)."""
     validate_predict(cfg)
     backend = choose_backend(cfg.backend, cfg.checkpoint)
-    if backend == "onnx" and _launched_processes() > 1:
-        if cfg.backend == "onnx":
-            raise ValueError("backend=onnx runs in one process: split the input with shard=I/N across separate "
-                             "runs, or use backend=torch under accelerate launch")
+    if backend in GRAPH_BACKENDS and _launched_processes() > 1:
+        if cfg.backend in GRAPH_BACKENDS:
+            raise ValueError(f"backend={cfg.backend} runs in one process: split the input with shard=I/N across "
+                             "separate runs, or use backend=torch under accelerate launch")
         backend = "torch"
     if backend == "torch":
         import torch
@@ -428,7 +434,7 @@ def predict_from_config(cfg: Any) -> PredictStats:
                              "give a file input and no shard=")
         shard, target = (state.process_index, state.num_processes), OutputFiles(output).part(
             state.process_index, state.num_processes).output
-    tagger = Tagger.from_pretrained(cfg.checkpoint, backend=backend, device=None if backend == "onnx" else state.device,
+    tagger = Tagger.from_pretrained(cfg.checkpoint, backend=backend, device=None if backend in GRAPH_BACKENDS else state.device,
                                     precision=cfg.precision, batch_size=cfg.batch_size,
                                     recheck_margin=cfg.recheck_margin, num_threads=cfg.num_threads)
     log.info("checkpoint %s: %s, shard %d/%d", cfg.checkpoint, tagger.backend.describe(), *shard)

@@ -21,8 +21,10 @@ from abstract_tagger.common.cpu import cpu_has_amx
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnx", "torch")
-# Per backend (torch: autocast dtypes; onnx: the fp32 graph or the int8 one); auto: the backend's best.
+BACKENDS = ("auto", "openvino", "onnx", "torch")
+# The backends that run the checkpoint's ONNX graphs (OpenVINO, ONNX Runtime) on the CPU, without torch.
+GRAPH_BACKENDS = ("openvino", "onnx")
+# Per backend (torch: autocast dtypes; graphs: the fp32 graph or the int8 one); auto: the backend's best.
 TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ONNX_PRECISIONS = ("auto", "fp32", "int8")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -51,7 +53,8 @@ def check_predict_options(options: Mapping[str, Any]) -> None:
     if "threshold" in options:
         fraction("threshold", options["threshold"], allow_none=True)
     checks = {"backend": BACKENDS, "on_error": ("raise", "skip"),
-              "precision": {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS}.get(options.get("backend"), PRECISIONS)}
+              "precision": {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS,
+                            "openvino": ONNX_PRECISIONS}.get(options.get("backend"), PRECISIONS)}
     for key, choices in checks.items():
         if key in options:
             require(options[key] in choices, key, f"must be one of {choices}", options[key])
@@ -87,13 +90,13 @@ def choose_backend(backend: str, checkpoint: str | Path, device: str | None = No
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_onnx = (Path(checkpoint) / ONNX_FP32).is_file()
-    if backend == "onnx":
+    if backend in GRAPH_BACKENDS:
         if not has_onnx:
             raise CheckpointError(f"{checkpoint}: no {ONNX_FP32}; publish the checkpoint to get its ONNX graphs, "
                                   "or use backend=torch")
         if device is not None and str(device) != "cpu":
-            raise ValueError(f"backend=onnx runs on the CPU, not on {device}")
-        return "onnx"
+            raise ValueError(f"backend={backend} runs on the CPU, not on {device}")
+        return backend
     if backend == "torch":
         return "torch"
     chosen, why = auto_backend(has_onnx, device)
@@ -102,10 +105,10 @@ def choose_backend(backend: str, checkpoint: str | Path, device: str | None = No
 
 
 def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
-    """(backend, why) for backend=auto. Measured on 4,771 abstracts, whole process, against the pipeline
-    peer (README, Benchmarks): on an Intel Xeon with AMX torch's bf16 autocast ran 2.19x and ONNX
-    Runtime int8 1.26x; on an AMD EPYC without AMX ONNX int8 led (2.6x) and bf16 trailed; on an Intel
-    Xeon whose AMX is not exposed bf16 runs slower than fp32 (see `runtime.cpu_bf16_speedup`)."""
+    """(backend, why) for backend=auto. Measured whole process against the pipeline peer (README,
+    Benchmarks): on an Intel Xeon with AMX torch's bf16 autocast ran 2.19x and ONNX Runtime's dynamic
+    int8 1.26x (4,771 abstracts; OpenVINO was not measured there); on an Intel Xeon whose AMX is not
+    exposed OpenVINO's static int8 ran well ahead of ONNX Runtime and torch, bf16 slower than fp32."""
     on_gpu = str(device).startswith("cuda") if device is not None else _gpu_visible()
     if on_gpu:
         return "torch", "a GPU"
@@ -113,4 +116,4 @@ def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
         return "torch", f"the checkpoint has no {ONNX_FP32}"
     if cpu_has_amx():
         return "torch", "AMX on this CPU: bf16 matmuls beat ONNX Runtime int8"
-    return "onnx", "no AMX on this CPU: ONNX Runtime int8 with fp32 recheck is the fastest"
+    return "openvino", "no AMX on this CPU: OpenVINO int8 with fp32 recheck is the fastest"

@@ -1,8 +1,8 @@
 """Tagging with an exported checkpoint: `Tagger` turns abstracts into per-tag scores and tags.
 
 A Tagger is a backend that turns texts into probabilities (n, tags), then one numpy step that applies
-thresholds and top_k. Backends: ONNX Runtime (`onnx_backend`, no torch in the process) and torch
-(`torch_backend`). Speed comes from what the pipeline peer does not do: one fast-tokenizer call per
+thresholds and top_k. Backends: the checkpoint's ONNX graphs run by ONNX Runtime (`onnx_backend`) or
+OpenVINO (`openvino_backend`), with no torch in the process, and torch (`torch_backend`). Speed comes from what the pipeline peer does not do: one fast-tokenizer call per
 chunk, batches of similar length (sorted, then put back in input order) padded to a multiple of 8,
 and reduced precision (bf16 autocast, int8 matmuls) with papers near a threshold rescored exactly.
 
@@ -77,6 +77,12 @@ def _onnx(path: Path, device: str | None, options: dict[str, Any]) -> Backend:
     return OnnxBackend.load(path, **options)
 
 
+def _openvino(path: Path, device: str | None, options: dict[str, Any]) -> Backend:
+    from abstract_tagger.inference.backends.openvino_backend import OpenVinoBackend  # torch-free, only if chosen
+
+    return OpenVinoBackend.load(path, **options)
+
+
 def _torch(path: Path, device: str | None, options: dict[str, Any]) -> Backend:
     from abstract_tagger.inference.backends.torch_backend import TorchBackend  # here: the ONNX path never loads torch
 
@@ -85,7 +91,7 @@ def _torch(path: Path, device: str | None, options: dict[str, Any]) -> Backend:
 
 # The backends by the name `backend=` takes (inference.options.BACKENDS, besides auto): a new one is a
 # Backend subclass and one entry here.
-BACKEND_LOADERS = {"onnx": _onnx, "torch": _torch}
+BACKEND_LOADERS = {"openvino": _openvino, "onnx": _onnx, "torch": _torch}
 
 
 class Tagger:

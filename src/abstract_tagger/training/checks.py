@@ -25,6 +25,7 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
         positive_at(cfg, key, integer=True)
     positive_at(cfg, "trainer.max_steps", integer=True, allow_none=True)
     positive_at(cfg, "export.review_pool", integer=True)
+    positive_at(cfg, "export.calibration_papers", integer=True)
     st = t.self_training
     require(isinstance(st.rounds, int) and st.rounds >= 0, "trainer.self_training.rounds", "must be an integer >= 0",
              st.rounds)

@@ -1,6 +1,6 @@
 """What every backend shares: texts -> probabilities through `encode` and `logits`, batched by
 length, with papers near a threshold rescored exactly when a reduced precision ran. Imports
-inference.options; a backend module (torch_backend, onnx_backend) imports this one."""
+inference.options; a backend module (torch_backend, graph) imports this one."""
 
 from __future__ import annotations
 

@@ -1,0 +1,173 @@
+"""What the two engines that run the checkpoint's ONNX graphs (`onnx_backend`: ONNX Runtime,
+`openvino_backend`: OpenVINO) share: the tokenizer, the checks that a checkpoint's graphs belong to its
+weights, and the fast pass in int8 with papers near a threshold rescored by the fp32 graph, which gives
+torch fp32's scores. Imports numpy, `tokenizers` and `safetensors` only: a process that tags with a
+graph never loads torch or transformers (most of a short run's time and memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, CheckpointError
+from abstract_tagger.common.files import file_digest
+from abstract_tagger.inference.backends.base import Backend, recheck_margin_for
+from abstract_tagger.inference.options import ONNX_PRECISIONS as PRECISIONS
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on: a second hyperthread per core adds
+    contention, not matmul throughput."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu, physical = set(), None, "0"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (s.strip() for s in line.partition(":"))
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                physical = value
+            elif key == "core id" and cpu in allowed:
+                cores.add((physical, value))
+    except OSError:
+        pass
+    return len(cores) or len(allowed)
+
+
+def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
+    if isinstance(token, Mapping):
+        token = token.get("content")
+    token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    return 0 if token_id is None else token_id
+
+
+class GraphBackend(Backend):
+    """A checkpoint's ONNX graphs on the CPU. A subclass names its engine and loads a graph (`_load`:
+    the runnable graph and the weights digest it was made from) and runs one (`_run`)."""
+
+    engine: str
+
+    def __init__(
+        self, path: Path, *, precision: str = "auto", batch_size: int = 64,
+        recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} for backend={self.engine}, got {precision!r}")
+        self.path = path
+        has_int8 = (path / ONNX_INT8).is_file()
+        if precision == "int8" and not has_int8:
+            raise CheckpointError(f"{path}: no {ONNX_INT8} for precision=int8")
+        self.reduced = "int8" if precision == "int8" or (precision == "auto" and has_int8) else None
+        self.batch_size = batch_size
+        self.recheck_margin = recheck_margin_for(self.reduced, recheck_margin)
+        self.num_threads = num_threads or physical_cores()
+        config = json.loads((path / "config.json").read_text())
+        self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text()) \
+            if (path / "tokenizer_config.json").is_file() else {}
+        # A tokenizer saved without a length limit reports a huge sentinel; the position table is the real cap.
+        self.max_length = min(int(tokenizer_config.get("model_max_length", 1 << 30)),
+                              config["max_position_embeddings"])
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length)
+        self.pad_id = _token_id(self.tokenizer, tokenizer_config.get("pad_token"))
+        self.fast = self._graph(ONNX_INT8) if self.reduced else self.exact
+
+    def _load(self, name: str) -> tuple[Any, str | None]:
+        raise NotImplementedError
+
+    def _run(self, graph: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _width(self, graph: Any) -> int | None:
+        """The number of scores the graph gives, where it states one."""
+        raise NotImplementedError
+
+    def _graph(self, name: str) -> Any:
+        try:
+            graph, made_from = self._load(name)
+        except Exception as e:  # the engines' errors derive from Exception only
+            raise CheckpointError(f"{self.path}: cannot load {name}: {type(e).__name__}: {_first_line(e)}") from e
+        # Graphs exported before the digest was recorded carry none and cannot be checked.
+        if made_from is not None and made_from != self.weights_digest:
+            raise CheckpointError(
+                f"{self.path / name}: made from another model.safetensors than the one beside it (SHA-256 differs): "
+                "it reads weights at that file's byte offsets and would give wrong scores; re-export the graphs "
+                "(publish.py) or use backend=torch")
+        return graph
+
+    @cached_property
+    def weights_digest(self) -> str:
+        return file_digest(self.path / "model.safetensors")
+
+    @cached_property
+    def exact(self) -> Any:
+        """The fp32 graph; under int8 loaded at the first recheck (a short run may need none)."""
+        return self._graph(ONNX_FP32)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, exact: bool) -> np.ndarray:
+        return self._run(self.exact if exact else self.fast, input_ids, attention_mask)
+
+    def fingerprint(self, h) -> None:
+        """The weights file and the graphs that read it."""
+        h.update(self.weights_digest.encode())
+        for name in (ONNX_FP32, ONNX_INT8):
+            if (self.path / name).is_file():
+                h.update(name.encode())
+                with open(self.path / name, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+
+    def describe(self) -> str:
+        return f"{self.engine} on cpu, {self.reduced or 'fp32'}, {self.num_threads} threads"
+
+    @classmethod
+    def load(cls, path: Path, **options) -> GraphBackend:
+        """The backend for checkpoint `path`, refusing what torch's loading refuses: unreadable files
+        and non-finite weights (the graphs read theirs from model.safetensors)."""
+        if options.get("precision", "auto") not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} for backend={cls.engine}, "
+                             f"got {options['precision']!r}")
+        check_weights(path / "model.safetensors")
+        try:
+            backend = cls(path, **options)
+        except CheckpointError:
+            raise
+        except Exception as e:  # the tokenizers and engines' errors derive from Exception only
+            raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {_first_line(e)}") from e
+        width = backend._width(backend.fast)
+        if width is not None and width != len(backend.labels):
+            raise CheckpointError(f"{path}: the ONNX graph gives {width} scores, config.json has "
+                                  f"{len(backend.labels)} labels")
+        return backend
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def check_weights(path: Path) -> None:
+    """Refuse a truncated or unreadable weights file and non-finite (NaN/inf) weights, with numpy only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            diverged = [k for k in f.keys() if f.get_slice(k).get_dtype() in ("F16", "F32", "F64")
+                        and not np.isfinite(f.get_tensor(k)).all()]
+    except (OSError, ValueError, TypeError, SafetensorError) as e:
+        raise CheckpointError(f"{path.parent}: cannot load: {type(e).__name__}: {_first_line(e)}") from e
+    if diverged:
+        raise CheckpointError(f"{path.parent}: non-finite (NaN/inf) weights in {', '.join(diverged[:3])}: "
+                              "the training run that exported it diverged")
