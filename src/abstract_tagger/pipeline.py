@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,14 @@ class Trained:
         return sum(r.seconds for r in self.rounds)
 
     @property
+    def first_steps(self) -> list[int]:
+        """Where each round's optimizer steps start in the run's count, and (last) where the next one's do."""
+        return list(accumulate((r.epoch_steps[-1] if r.epoch_steps else 0 for r in self.rounds), initial=0))
+
+    @property
     def steps(self) -> int:
         """Optimizer steps of every round so far: where the next one's count starts."""
-        return sum(r.epoch_steps[-1] for r in self.rounds if r.epoch_steps)
+        return self.first_steps[-1]
 
     @property
     def samples_per_s(self) -> float:
@@ -277,12 +283,11 @@ def _charts(accelerator: Accelerator, outcome: Outcome, run_dir: Path) -> None:
     per_tag = {"weak labels (0.5)": dev.weak.per_tag, "model (k-fold)": dev.model.per_tag,
                "shipped (k-fold)": dev.shipped.per_tag}
     tracking.plot_per_tag_f1(run_dir / "per_tag_f1.png", tag_ids, per_tag)
-    steps, losses, epoch_steps, offset = [], [], [], 0
-    for r in outcome.trained.rounds:  # rounds continue the step count
-        steps += [offset + s for s in r.steps]
+    steps, losses, epoch_steps = [], [], []
+    for first, r in zip(outcome.trained.first_steps, outcome.trained.rounds):  # rounds continue the step count
+        steps += [first + s for s in r.steps]
         losses += r.losses
-        epoch_steps += [offset + s for s in r.epoch_steps]
-        offset = epoch_steps[-1] if epoch_steps else offset
+        epoch_steps += [first + s for s in r.epoch_steps]
     tracking.plot_loss(run_dir / "loss.png", steps, losses, epoch_steps)
     tracking.log_per_tag_table(accelerator, tag_ids, per_tag)
     accelerator.log({f"final/{name}/{kind}/{m}": getattr(getattr(s, kind), m)

@@ -154,6 +154,9 @@ def test_self_training_rounds_relabel_with_the_model_and_keep_hand_labels(root, 
     trained = pipeline.train(cfg, accelerator, backbone, data, taxonomy.ids, tmp_path)
     assert len(trained.rounds) == 3 and all(r.losses for r in trained.rounds)
     assert logged == sorted(logged) and logged[-1] == trained.steps == sum(r.epoch_steps[-1] for r in trained.rounds)
+    # Each round starts where the one before ended, for the trackers and for loss.png alike.
+    ends = [r.epoch_steps[-1] for r in trained.rounds]
+    assert trained.first_steps == [0, ends[0], ends[0] + ends[1], trained.steps]
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["round-0", "round-1", "round-2"]
     np.testing.assert_array_equal(seen[0], targets)
     for later in seen[1:]:
