@@ -19,19 +19,18 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from scipy.sparse import vstack  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from abstract_tagger.common.config import register_resolvers  # noqa: E402
 from abstract_tagger.data.corpus import read_gold_sets  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
 from abstract_tagger.metrics import score  # noqa: E402
 from abstract_tagger.pipeline import load_model  # noqa: E402
 from abstract_tagger.training import thresholds as thr  # noqa: E402
 from abstract_tagger.training.data import training_data  # noqa: E402
+from train_config import parse_with_config  # noqa: E402
 
 
 def tfidf_logreg(train_texts, train_probs, test_texts, c: float = 4.0) -> np.ndarray:
@@ -52,12 +51,7 @@ def tfidf_logreg(train_texts, train_probs, test_texts, c: float = 4.0) -> np.nda
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, help="a train.py run directory (reads its metrics.json)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
-    args = parser.parse_args()
-
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=args.overrides)
+    args, cfg = parse_with_config(parser)
     weak = build_weak_labels(cfg)
     tag_ids = weak.tag_ids
     backbone = load_model(cfg, tag_ids)  # its tokenizer: the training data is stored tokenised

@@ -22,26 +22,21 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from abstract_tagger import Tagger  # noqa: E402
-from abstract_tagger.common.config import register_resolvers  # noqa: E402
 from abstract_tagger.data.corpus import read_gold_sets  # noqa: E402
 from abstract_tagger.labeling.functions import ABSTAIN  # noqa: E402
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
 from abstract_tagger.metrics import score  # noqa: E402
+from train_config import parse_with_config  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="default: the published checkpoint")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config (corpus, gold sets)")
-    args = parser.parse_args()
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=args.overrides)
+    args, cfg = parse_with_config(parser)
     checkpoint = args.checkpoint or Path(cfg.paths.checkpoints_dir) / cfg.paths.published
 
     weak = build_weak_labels(cfg)

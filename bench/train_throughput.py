@@ -23,16 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
-from abstract_tagger.common.config import register_resolvers  # noqa: E402
 from abstract_tagger.common.cpu import cpu_description  # noqa: E402
 from abstract_tagger.data.corpus import read_corpus  # noqa: E402
 from abstract_tagger.data.taxonomy import Taxonomy  # noqa: E402
 from abstract_tagger.training import loop as training  # noqa: E402
 from abstract_tagger.training.backbone import load_backbone  # noqa: E402
 from abstract_tagger.training.data import papers_dataset  # noqa: E402
+from train_config import compose_train  # noqa: E402
 
 
 def ours(cfg, backbone, data, tag_ids, workdir: Path) -> float:
@@ -68,10 +67,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.batch_size=32")
     args = parser.parse_args()
 
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={args.model}", "logger=none", "trainer.epochs=1",
-                                          "trainer.head_lr=null", *args.overrides])
+    cfg = compose_train([f"model={args.model}", "logger=none", "trainer.epochs=1", "trainer.head_lr=null",
+                         *args.overrides])
     tag_ids = Taxonomy.from_config(cfg.taxonomy).ids
     sources = {k: dict(v) for k, v in cfg.data.sources.items()}
     papers = [p for _, p in zip(range(args.papers), read_corpus(sources, max_chars=cfg.data.max_chars))]
