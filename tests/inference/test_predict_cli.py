@@ -216,3 +216,21 @@ def test_backend_settings_are_checked_at_start(root, tmp_path, overrides, key):
     else:
         with pytest.raises(ConfigError, match=rf"^{key}="):
             validate_predict(cfg)
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnx"])
+def test_graph_backends_refuse_several_launched_processes(root, tmp_path, tiny_onnx_checkpoint, monkeypatch, engine):
+    """Under accelerate launch / torchrun the processes meet through torch.distributed, which a graph
+    backend's process never loads: asked for by name it refuses, before writing anything."""
+    from hydra import compose, initialize_config_dir
+
+    from abstract_tagger.inference.files import predict_from_config
+
+    src = write_jsonl(tmp_path / "in.jsonl", records(2))
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        cfg = compose("predict", overrides=[f"input={src}", f"output={tmp_path / 'out.jsonl'}", f"backend={engine}",
+                                            f"checkpoint={tiny_onnx_checkpoint}"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=f"^backend={engine} runs in one process"):
+        predict_from_config(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -78,9 +78,10 @@ def _hub_id(backbone: str) -> str:
 
 
 def _eval_results(evaluation: Evaluation) -> list[EvalResult]:
-    """Hub `model-index` results: what predict.py ships, on every gold set."""
+    """Hub `model-index` results: what predict.py ships, on every gold set. Each set is its own dataset
+    config: the Hub groups results by task, dataset type, config and split, and the dev sets share a split."""
     return [EvalResult(task_type="text-classification", task_name="Multi-label research-area tagging",
-                       dataset_type="abstract-tagger-gold", dataset_name=f"gold {name}",
+                       dataset_type="abstract-tagger-gold", dataset_name=f"gold {name}", dataset_config=name,
                        dataset_split=name.split("/")[0], metric_type="f1", metric_name=f"{avg}-F1",
                        metric_value=round(getattr(s.shipped, f"{avg}_f1"), 4), metric_args={"average": avg})
             for name, s in evaluation.sets.items() for avg in ("micro", "macro")]
