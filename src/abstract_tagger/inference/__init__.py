@@ -1,2 +1,3 @@
-"""Stage 5, inference: `Tagger` over a backend (ONNX Runtime or torch), its options and defaults, and
-the file job predict.py runs. Imports common, data, labeling and checkpoint; never training."""
+"""Stage 5, inference: `Tagger` over a backend (the ONNX graphs on OpenVINO or ONNX Runtime, or torch), its
+options and defaults, and the file job predict.py runs. Imports common, data, labeling and checkpoint;
+never training."""

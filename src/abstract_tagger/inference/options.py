@@ -115,5 +115,5 @@ def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
     if not has_onnx:
         return "torch", f"the checkpoint has no {ONNX_FP32}"
     if cpu_has_amx():
-        return "torch", "AMX on this CPU: bf16 matmuls beat ONNX Runtime int8"
+        return "torch", "AMX on this CPU: bf16 matmuls beat ONNX Runtime int8 (OpenVINO not measured there)"
     return "openvino", "no AMX on this CPU: OpenVINO int8 with fp32 recheck is the fastest"
