@@ -53,8 +53,8 @@ def check_predict_options(options: Mapping[str, Any]) -> None:
     if "threshold" in options:
         fraction("threshold", options["threshold"], allow_none=True)
     checks = {"backend": BACKENDS, "on_error": ("raise", "skip"),
-              "precision": {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS,
-                            "openvino": ONNX_PRECISIONS}.get(options.get("backend"), PRECISIONS)}
+              "precision": {"torch": TORCH_PRECISIONS, **dict.fromkeys(GRAPH_BACKENDS, ONNX_PRECISIONS)}.get(
+                  options.get("backend"), PRECISIONS)}
     for key, choices in checks.items():
         if key in options:
             require(options[key] in choices, key, f"must be one of {choices}", options[key])
