@@ -205,7 +205,7 @@ def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):
 
 
 def test_graph_threads_default_to_physical_cores(tiny_onnx_checkpoint):
-    from abstract_tagger.inference.backends.graph import physical_cores
+    from abstract_tagger.common.cpu import physical_cores
 
     for engine in ("onnx", "openvino"):
         assert Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine).backend.num_threads == physical_cores() >= 1

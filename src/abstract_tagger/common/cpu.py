@@ -21,6 +21,25 @@ def cpuinfo() -> tuple[str, set[str]]:
     return strip.get("model name", ""), set(strip.get("flags", "").split())
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on: a second hyperthread per core adds
+    contention, not matmul throughput."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu, physical = set(), None, "0"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (s.strip() for s in line.partition(":"))
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                physical = value
+            elif key == "core id" and cpu in allowed:
+                cores.add((physical, value))
+    except OSError:
+        pass
+    return len(cores) or len(allowed)
+
+
 def cpu_description() -> str:
     """What a speed figure was measured on, e.g. "Intel(R) Xeon(R) Processor, 2 cores, AVX512-BF16, VNNI, no AMX"."""
     name, flags = cpuinfo()

@@ -8,7 +8,6 @@ graph never loads torch or transformers (most of a short run's time and memory).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -18,28 +17,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, CheckpointError
+from abstract_tagger.common.cpu import physical_cores
 from abstract_tagger.common.files import file_digest
 from abstract_tagger.inference.backends.base import Backend, recheck_margin_for
 from abstract_tagger.inference.options import ONNX_PRECISIONS as PRECISIONS
-
-
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on: a second hyperthread per core adds
-    contention, not matmul throughput."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores, cpu, physical = set(), None, "0"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (s.strip() for s in line.partition(":"))
-            if key == "processor":
-                cpu = int(value)
-            elif key == "physical id":
-                physical = value
-            elif key == "core id" and cpu in allowed:
-                cores.add((physical, value))
-    except OSError:
-        pass
-    return len(cores) or len(allowed)
 
 
 def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
