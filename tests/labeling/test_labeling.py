@@ -3,11 +3,14 @@ function accuracies, the embedding cache and the result cache key."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from abstract_tagger.data.corpus import Paper
+from abstract_tagger.data.corpus import Paper, read_seed_dump
+from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling.embedding import EmbeddingCache, SentenceEncoder, text_key
 from abstract_tagger.labeling.functions import (
     ABSTAIN,
@@ -82,6 +85,28 @@ def test_title_only_patterns_do_not_fire_in_the_abstract(taxonomy, keywords):
 def test_causal_language_modelling_is_not_causal_inference(taxonomy, keywords):
     votes = keywords([paper("Causal language model pretraining at scale")])
     assert votes[0, 0, taxonomy.index("causal-inference")] == ABSTAIN
+
+
+def test_pattern_index_counts_what_a_plain_search_of_each_pattern_finds(root, taxonomy, keywords):
+    """The branch-wise, prefix-gated, lazily compiled search finds exactly the patterns a whole-word
+    `re.search` of each pattern finds, on every tag's patterns and real abstracts."""
+    texts = [p.abstract.lower() for p in read_seed_dump(root / "data/hf_papers_seed.txt")]
+    # Loading compiles no gated branch: that is the load time a first tag waits for.
+    assert not KeywordFunctions(taxonomy, 2).abstract.compiled
+    for text in texts:
+        expected = [sum(bool(re.search(rf"\b(?:{p})\b", text)) for p in tag.keywords["patterns"])
+                    for tag in taxonomy.tags]
+        assert keywords.abstract.counts(text) == expected
+    assert keywords.abstract.compiled
+
+
+def test_a_bad_regex_fails_at_load_naming_its_tag(taxonomy):
+    """Gated branches compile on first use, but a bad pattern is still refused when the functions are built."""
+    data = {"tags": {t.id: {"name": t.name, "description": t.description, "keywords": dict(t.keywords),
+                            "arxiv": list(t.arxiv)} for t in taxonomy.tags}}
+    data["tags"]["nlp"]["keywords"]["patterns"] = [*data["tags"]["nlp"]["keywords"]["patterns"], "tokeni(sation"]
+    with pytest.raises(ValueError, match=r"taxonomy.tags.nlp.keywords: bad regex 'tokeni\(sation'"):
+        KeywordFunctions(Taxonomy.from_config(data), 2)
 
 
 def test_arxiv_function_maps_categories(taxonomy):
