@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from abstract_tagger.checkpoint.card import FACTS_FILE, CardFacts, model_card
 from abstract_tagger.checkpoint.export import export_checkpoint
 from abstract_tagger.common.config import require
+from abstract_tagger.common.files import write_atomic
 from abstract_tagger.data.corpus import Paper, read_gold, read_gold_sets
 from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling.rule_blend import RuleBlend
@@ -326,7 +327,7 @@ def report(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, checkpoi
         "epochs": [m for r in trained.rounds for m in r.epoch_metrics],
         "thresholds": evaluation.thresholds,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(run_dir / "metrics.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     log.info("micro/macro F1 (weak | model | shipped): %s", "; ".join(
         f"{name}: {s.weak.micro_f1:.3f}/{s.weak.macro_f1:.3f} | {s.model.micro_f1:.3f}/{s.model.macro_f1:.3f} | "
         f"{s.shipped.micro_f1:.3f}/{s.shipped.macro_f1:.3f}" for name, s in evaluation.sets.items()))
@@ -344,17 +345,19 @@ def write_review(path: Path, pool: Pool, thresholds: np.ndarray, weak_threshold:
     differ = shipped_tags != weak_tags
     gap = np.abs(pool.shipped - pool.weak) * differ
     order = np.argsort(-gap.sum(1), kind="stable")
-    with open(path, "w", encoding="utf-8") as f:
-        for i in order[:size]:
-            if not differ[i].any():
-                break
-            paper = pool.papers[i]
-            f.write(json.dumps({
-                "id": paper.id, "title": paper.title, "disagreement": round(float(gap[i].sum()), 4),
-                "model_tags": [t for t, on in zip(tag_ids, shipped_tags[i]) if on],
-                "weak_tags": [t for t, on in zip(tag_ids, weak_tags[i]) if on],
-                "gold_tags": gold.get(paper.id),
-                "differences": {t: {"model": round(float(pool.shipped[i, j]), 3), "weak": round(float(pool.weak[i, j]), 3)}
-                                for j, t in enumerate(tag_ids) if differ[i, j]},
-                "abstract": paper.abstract,
-            }, ensure_ascii=False) + "\n")
+    rows = []
+    for i in order[:size]:
+        if not differ[i].any():
+            break
+        paper = pool.papers[i]
+        rows.append(json.dumps({
+            "id": paper.id, "title": paper.title, "disagreement": round(float(gap[i].sum()), 4),
+            "model_tags": [t for t, on in zip(tag_ids, shipped_tags[i]) if on],
+            "weak_tags": [t for t, on in zip(tag_ids, weak_tags[i]) if on],
+            "gold_tags": gold.get(paper.id),
+            "differences": {t: {"model": round(float(pool.shipped[i, j]), 3), "weak": round(float(pool.weak[i, j]), 3)}
+                            for j, t in enumerate(tag_ids) if differ[i, j]},
+            "abstract": paper.abstract,
+        }, ensure_ascii=False) + "\n")
+    # Whole or not at all: a rerun in the same run directory keeps the last review until the new one is done.
+    write_atomic(path, lambda f: f.write("".join(rows).encode("utf-8", "surrogateescape")))

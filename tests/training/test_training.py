@@ -2,6 +2,7 @@
 loss falls, kill-and-resume equals an uninterrupted run, backbone fallback, config checks,
 thresholds and export."""
 
+import dataclasses
 import json
 import logging
 
@@ -181,6 +182,21 @@ def test_review_ranks_biggest_disagreements_first(tmp_path, papers):
     assert [r["id"] for r in rows] == [papers[1].id, papers[2].id]  # paper 0 agrees: not listed
     assert rows[0]["model_tags"] == ["b"] and rows[0]["weak_tags"] == ["a"] and rows[0]["gold_tags"] == ["b"]
     assert set(rows[0]["differences"]) == {"a", "b"}
+
+
+def test_a_review_that_fails_midway_leaves_the_last_one_whole(tmp_path, papers):
+    """review.jsonl used to be written row by row: an error (or a kill) midway left a truncated file
+    in place of the last run's review."""
+    weak = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.1]], dtype=np.float32)
+    model = np.array([[0.1, 0.1], [0.1, 0.9], [0.4, 0.1]], dtype=np.float32)
+    broken = [papers[0], papers[1], dataclasses.replace(papers[2], abstract=object())]  # cannot be written as JSON
+    path = tmp_path / "review.jsonl"
+    path.write_text("the last run's review\n")
+    with pytest.raises(TypeError):
+        pipeline.write_review(path, pipeline.Pool(broken, weak=weak, shipped=model), np.array([0.5, 0.5]), 0.5,
+                              ["a", "b"], {}, size=10)
+    assert path.read_text() == "the last run's review\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["review.jsonl"]
 
 
 def test_progress_in_a_log_file_is_one_line_per_refresh(monkeypatch):

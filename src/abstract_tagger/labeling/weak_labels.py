@@ -250,7 +250,7 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
         report = fit_and_apply(cfg, taxonomy, labeling, functions.names, root, n_chunks, stats)
         result = {"tag_ids": taxonomy.ids, "report": report, "threshold": labeling["threshold"],
                   "n_papers": stats.kept, "n_chunks": n_chunks, "skipped_rejects": cfg.data.on_error == "skip"}
-        (root / RESULT).write_text(json.dumps(result) + "\n", encoding="utf-8")
+        write_atomic(root / RESULT, lambda f: f.write((json.dumps(result) + "\n").encode()))
     state.wait_for_everyone()
     labels = WeakLabels.load(root)
     if labels is None:
