@@ -19,6 +19,7 @@ from abstract_tagger.labeling.functions import (
     ArxivFunction,
     EmbeddingFunction,
     KeywordFunctions,
+    PatternIndex,
     build_functions,
 )
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
@@ -93,11 +94,22 @@ def test_pattern_index_counts_what_a_plain_search_of_each_pattern_finds(root, ta
     texts = [p.abstract.lower() for p in read_seed_dump(root / "data/hf_papers_seed.txt")]
     # Loading compiles no gated branch: that is the load time a first tag waits for.
     assert not KeywordFunctions(taxonomy, 2).abstract.compiled
-    for text in texts:
-        expected = [sum(bool(re.search(rf"\b(?:{p})\b", text)) for p in tag.keywords["patterns"])
-                    for tag in taxonomy.tags]
-        assert keywords.abstract.counts(text) == expected
-    assert keywords.abstract.compiled
+    for index, fields in ((keywords.abstract, ("patterns",)), (keywords.title, ("patterns", "title_patterns"))):
+        for text in texts:
+            expected = [sum(bool(re.search(rf"\b(?:{p})\b", text)) for f in fields for p in tag.keywords.get(f, ()))
+                        for tag in taxonomy.tags]
+            assert index.counts(text) == expected
+        assert index.compiled
+
+
+def test_a_pattern_whose_branches_refer_to_each_other_is_searched_whole():
+    """Split at `|`, the second branch's \\2 would name a group it does not have (its own is group 1
+    alone): compiled on first use, that failed in the middle of a file instead of at load."""
+    index = PatternIndex([[r"(mono)lingual|(multi)modal and \2lingual"], ["modelling"]], ["a", "b"])
+    assert index.counts("multimodal and multilingual modelling") == [1, 1]
+    assert index.counts("a monolingual corpus") == [1, 0]
+    assert index.counts("multimodal and monolingual") == [1, 0]
+    assert index.counts("multimodal and bilingual") == [0, 0]
 
 
 def test_a_bad_regex_fails_at_load_naming_its_tag(taxonomy):

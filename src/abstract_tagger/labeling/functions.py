@@ -36,7 +36,8 @@ class PatternIndex:
     A gated group of branches is compiled when a text first has its prefix: compiling all ~1,100
     branches of the title and abstract indexes took 0.15 s of a checkpoint's load, most of the
     time to a first tag, while a batch of abstracts reaches a fraction of them. Every pattern is
-    still compiled whole here, so that a bad one fails at load, naming its owner.
+    still compiled whole here, so that a bad one fails at load, naming its owner (and a branch compiles
+    whenever its whole pattern does: one that refers to another branch is never split).
     """
 
     def __init__(self, patterns: Sequence[Sequence[str]], owners: Sequence[str]):
@@ -47,9 +48,14 @@ class PatternIndex:
         for t, (tag_patterns, owner) in enumerate(zip(patterns, owners)):
             for i, pattern in enumerate(tag_patterns):
                 try:
-                    _regex(pattern)
+                    re.compile(pattern)
                 except re.error as e:
                     raise ValueError(f"{owner}: bad regex {pattern!r}: {e}") from None
+                if _CROSS_BRANCH.search(pattern):
+                    # A backreference or conditional may point into another branch: searched whole,
+                    # where its groups keep their numbers.
+                    always.append((t, i, f"\\b(?:{pattern})\\b"))
+                    continue
                 for branch in split_branches(pattern):
                     key = leading_literal(branch)
                     source = f"{key}(?<!\\w{key}){branch[len(key):]}\\b" if key else f"\\b(?:{branch})\\b"
@@ -74,6 +80,8 @@ class PatternIndex:
             counts[t] += 1
         return counts
 
+
+_CROSS_BRANCH = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")  # a backreference (\1, (?P=name)) or a conditional (?(1)...)
 
 # One compiled regex per source for the process: `re`'s own cache holds 512, fewer than a taxonomy's
 # patterns and branches, so it would compile them again for every index built.

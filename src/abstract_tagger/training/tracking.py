@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from abstract_tagger.common.files import write_atomic  # noqa: E402
+
 
 def start(accelerator: Accelerator, cfg: DictConfig, run_dir: Path) -> None:
     """Start the configured tracker; the accelerator was built with log_with=cfg.logger.backend."""
@@ -45,7 +47,7 @@ def plot_per_tag_f1(path: Path, tag_ids: Sequence[str], columns: Mapping[str, Ma
     ax.set_xlabel("F1 on gold dev")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -58,5 +60,5 @@ def plot_loss(path: Path, steps: Sequence[int], losses: Sequence[float], epoch_s
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

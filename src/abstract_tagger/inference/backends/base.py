@@ -13,8 +13,8 @@ from abstract_tagger.inference.options import predict_defaults
 
 _PAD_MULTIPLE = 8
 # The recheck scores a few papers a chunk with a second graph (or weights): in small batches its
-# activations stay small. On the published MiniLM with OpenVINO, batches of 8 instead of 32 took peak
-# RSS from 560 to 475 MB on 2,048 abstracts at no measurable cost in time.
+# activations stay small. On the published MiniLM with OpenVINO, batches of 8 instead of the main
+# pass's (then 32) took peak RSS from 560 to 475 MB on 2,048 abstracts at no measurable cost in time.
 _RECHECK_BATCH = 8
 
 
