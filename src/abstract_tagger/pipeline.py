@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from abstract_tagger.checkpoint.card import FACTS_FILE, CardFacts, model_card
 from abstract_tagger.checkpoint.export import export_checkpoint
 from abstract_tagger.common.config import require
-from abstract_tagger.common.files import write_atomic
+from abstract_tagger.common.files import write_atomic, write_json
 from abstract_tagger.data.corpus import Paper, read_gold, read_gold_sets
 from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling.rule_blend import RuleBlend
@@ -327,7 +327,7 @@ def report(cfg: DictConfig, accelerator: Accelerator, outcome: Outcome, checkpoi
         "epochs": [m for r in trained.rounds for m in r.epoch_metrics],
         "thresholds": evaluation.thresholds,
     }
-    write_atomic(run_dir / "metrics.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    write_json(run_dir / "metrics.json", summary, indent=2)
     log.info("micro/macro F1 (weak | model | shipped): %s", "; ".join(
         f"{name}: {s.weak.micro_f1:.3f}/{s.weak.macro_f1:.3f} | {s.model.micro_f1:.3f}/{s.model.macro_f1:.3f} | "
         f"{s.shipped.micro_f1:.3f}/{s.shipped.macro_f1:.3f}" for name, s in evaluation.sets.items()))

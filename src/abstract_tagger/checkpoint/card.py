@@ -13,7 +13,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from abstract_tagger.common.config import plain
-from abstract_tagger.common.files import write_atomic
+from abstract_tagger.common.files import write_json
 from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.training.evaluation import Evaluation
 
@@ -57,8 +57,7 @@ class CardFacts:
                 "taxonomy": self.taxonomy.to_dict(), "onnx": asdict(self.onnx) if self.onnx else None,
                 "functions": list(self.functions)}
         # default=plain: settings straight from the run's config (pos_weight={tag: w}) are OmegaConf nodes.
-        text = json.dumps(data, indent=1, default=plain) + "\n"
-        write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+        write_json(path, data, indent=1, default=plain)
 
     @classmethod
     def load(cls, path: Path) -> CardFacts:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -68,6 +69,12 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+
+
+def write_json(path: Path, data: Any, **dumps: Any) -> None:
+    """`data` as one JSON document and a newline, through `write_atomic`; `dumps` go to `json.dumps`."""
+    text = json.dumps(data, **dumps) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def file_digest(path: str | Path) -> str:

@@ -40,7 +40,7 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from abstract_tagger.common.bundled import resolve_path
-from abstract_tagger.common.files import file_digest, write_atomic
+from abstract_tagger.common.files import file_digest, write_atomic, write_json
 from abstract_tagger.common.runtime import fast_precision, process_state
 from abstract_tagger.data.corpus import CorpusStats, Paper, batched, read_corpus, read_gold_sets
 from abstract_tagger.data.taxonomy import Taxonomy
@@ -143,7 +143,7 @@ class WeakLabels:
         else:
             (out / REJECTS).unlink(missing_ok=True)
         write_atomic(out / "weak_labels.jsonl", self._write_rows)
-        write_atomic(out / "lf_report.json", lambda f: f.write((json.dumps(self.report, indent=2) + "\n").encode()))
+        write_json(out / "lf_report.json", self.report, indent=2)
         write_atomic(out / "lf_report.md", lambda f: f.write(to_markdown(self.report).encode()))
 
     def _copy_rejects(self, f: IO[bytes]) -> None:
@@ -250,7 +250,7 @@ def build_weak_labels(cfg: DictConfig) -> WeakLabels:
         report = fit_and_apply(cfg, taxonomy, labeling, functions.names, root, n_chunks, stats)
         result = {"tag_ids": taxonomy.ids, "report": report, "threshold": labeling["threshold"],
                   "n_papers": stats.kept, "n_chunks": n_chunks, "skipped_rejects": cfg.data.on_error == "skip"}
-        write_atomic(root / RESULT, lambda f: f.write((json.dumps(result) + "\n").encode()))
+        write_json(root / RESULT, result)
     state.wait_for_everyone()
     labels = WeakLabels.load(root)
     if labels is None:
