@@ -102,7 +102,7 @@ def same_tags(a: list[list[str]], b: list[list[str]]) -> float:
 
 def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) -> dict:
     from abstract_tagger import Tagger
-    from abstract_tagger.inference.backends.base import logit
+    from abstract_tagger.inference.backends.base import near_cut
     from abstract_tagger.inference.tagger import as_paper, as_text
 
     tagger = Tagger.from_pretrained(checkpoint, backend=backend)
@@ -132,8 +132,7 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) ->
         if tagger.blend is not None:
             rules = tagger.blend.rule_probs([as_paper(r) for r in records])
             ref, raw = tagger.blend.mix(ref, rules), tagger.blend.mix(raw_model, rules)
-            w = tagger.blend.weight
-            cut = np.clip((tagger.thresholds - w * rules) / (1 - w), 0, 1)
+            cut = tagger.blend.model_cut(tagger.thresholds, rules)
         ref_tags = tagger.decide(ref)
         results[name] = {
             "n": len(texts),
@@ -142,7 +141,7 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) ->
             "speedup": t_pipe / t_pred,
             "same_tags": same_tags(tagger.decide(scores), ref_tags),
             "max_score_diff": float(np.abs(scores - ref).max()),
-            "rechecked": float((np.abs(logit(raw_model) - logit(cut)) < model.recheck_margin).any(axis=1).mean()),
+            "rechecked": float(near_cut(raw_model, cut, model.recheck_margin).mean()),
             "same_tags_without_recheck": same_tags(no_recheck.decide(raw), ref_tags),
             "max_score_diff_without_recheck": float(np.abs(raw - ref).max()),
             "overhead_vs_bare": overhead_vs_bare(no_recheck, texts[:1000]),

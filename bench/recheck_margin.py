@@ -20,7 +20,7 @@ import numpy as np
 from abstract_tagger import Tagger
 from abstract_tagger.common.cpu import cpu_description
 from abstract_tagger.data.corpus import Paper, read_source
-from abstract_tagger.inference.backends.base import logit, sigmoid
+from abstract_tagger.inference.backends.base import near_cut, sigmoid
 from abstract_tagger.inference.tagger import as_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,13 @@ def main() -> None:
     int8 = tagger.backend.forward(texts, exact=False)
     fp32 = tagger.backend.forward(texts, exact=True)
     # Where predict.py rechecks: the model score at which the blended score crosses each tag's threshold.
-    rules = tagger.blend.rule_probs(sample) if tagger.blend else np.zeros_like(fp32)
-    w = tagger.blend.weight if tagger.blend else 0.0
-    cut = logit(np.clip((tagger.thresholds - w * rules) / (1 - w), 0.0, 1.0))
+    blend = tagger.blend
+    rules = blend.rule_probs(sample) if blend else None
+    cut = blend.model_cut(tagger.thresholds, rules) if blend else tagger.thresholds
 
     def tags(logits: np.ndarray) -> np.ndarray:
-        return (1 - w) * sigmoid(logits) + w * rules >= tagger.thresholds
+        probs = sigmoid(logits)
+        return (blend.mix(probs, rules) if blend else probs) >= tagger.thresholds
 
     expected = tags(fp32)
     error = np.abs(int8 - fp32)
@@ -64,10 +65,9 @@ def main() -> None:
                                               (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))) + f", max {error.max():.3f}")
     print("| recheck_margin | rescored in fp32 | tag sets unlike fp32 |")
     print("|---|---|---|")
-    # Backend.probabilities' test, clipping included (a cut of 0 or 1 sits at a clipped logit of ±16).
-    distance = np.abs(logit(sigmoid(int8)) - cut)
+    int8_probs = sigmoid(int8)
     for margin in MARGINS:
-        near = (distance < margin).any(axis=1)
+        near = near_cut(int8_probs, cut, margin)  # Backend.probabilities' own test
         changed = (tags(np.where(near[:, None], fp32, int8)) != expected).any(axis=1)
         print(f"| {margin} | {near.mean():.1%} | {changed.sum()} ({changed.mean():.2%}) |")
 

@@ -137,13 +137,9 @@ class Tagger:
         if self.blend is None:
             return self.backend.probabilities(texts, cut)
         rules = self.blend.rule_probs([as_paper(item) for item in items])
-        # The blended score crosses `cut` exactly where the model's score crosses
-        # (cut - w * rules) / (1 - w): rescoring papers near *that* is what keeps fp32's tags. (Near
-        # `cut` in blended space would rescore papers whose rule score alone sits near it: 61%.)
-        w = self.blend.weight
-        with np.errstate(divide="ignore", invalid="ignore"):
-            model_cut = np.clip((cut - w * rules) / (1 - w), 0.0, 1.0)
-        return self.blend.mix(self.backend.probabilities(texts, model_cut), rules)
+        # Rescoring papers near the model score where the blend crosses `cut` is what keeps fp32's tags.
+        # (Near `cut` in blended space would rescore papers whose rule score alone sits near it: 61%.)
+        return self.blend.mix(self.backend.probabilities(texts, self.blend.model_cut(cut, rules)), rules)
 
     def decide(
         self, scores: np.ndarray, *, top_k: int | None = None, threshold: float | None = None

@@ -78,6 +78,13 @@ class RuleBlend:
     def mix(self, model_probs: np.ndarray, rule_probs: np.ndarray) -> np.ndarray:
         return mix(model_probs, rule_probs, self.weight)
 
+    def model_cut(self, cut: np.ndarray | float, rule_probs: np.ndarray) -> np.ndarray:
+        """The model score at which the blended score crosses `cut`, per paper and tag: (cut - w * rules)
+        / (1 - w), clipped to [0, 1] (0 or 1 where the rules alone decide)."""
+        w = self.weight
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.clip((cut - w * rule_probs) / (1 - w), 0.0, 1.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "weight": self.weight,

@@ -87,7 +87,7 @@ class Backend:
         exact = self.reduced is None
         out = sigmoid(self.forward(texts, exact=exact))
         if not exact and self.recheck_margin > 0:
-            near = np.flatnonzero((np.abs(logit(out) - logit(cut)) < self.recheck_margin).any(axis=1))
+            near = np.flatnonzero(near_cut(out, cut, self.recheck_margin))
             if len(near):
                 out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True,
                                                  batch_size=min(self.batch_size, _RECHECK_BATCH)))
@@ -95,6 +95,12 @@ class Backend:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+
+def near_cut(probs: np.ndarray, cut: np.ndarray | float, margin: float) -> np.ndarray:
+    """Rows (a bool per row) with a score within `margin` logits of its cut: the ones reduced precision
+    may have put on the wrong side. Logits of clipped probabilities, so a cut of 0 or 1 sits at ±16."""
+    return (np.abs(logit(probs) - logit(cut)) < margin).any(axis=1)
 
 
 def recheck_margin_for(reduced: str | None, margin: float | Mapping[str, float] | None) -> float:
