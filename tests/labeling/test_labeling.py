@@ -331,8 +331,9 @@ def test_minilm_embedding_function_and_cache(taxonomy, labeling_cfg, tmp_path, m
 
 
 def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
-    """Vectors cached by an earlier version of the encoder are never served: a stale store once made
-    a developer checkout's weak labels differ from a fresh clone's."""
+    """Vectors cached by an earlier version of the encoder (or at another precision or token limit) are
+    never served: a stale store once made a developer checkout's weak labels differ from a fresh
+    clone's."""
     from pathlib import Path
 
     from abstract_tagger.labeling import embedding
@@ -343,6 +344,10 @@ def test_embedding_store_changes_with_the_encoder_code(tmp_path, monkeypatch):
     assert make_encoder(cfg, tmp_path).cache.folder == before
     # bf16 and fp32 vectors differ slightly: each precision has its own store.
     assert make_encoder({**cfg, "precision": "fp32"}, tmp_path).cache.folder != before
+    # So do vectors of a shorter read of the same text: each token limit has its own store too.
+    short = make_encoder({**cfg, "max_length": 128}, tmp_path)
+    assert short.model.max_seq_length == 128 and short.cache.folder != before
+    assert make_encoder({**cfg, "max_length": None}, tmp_path).cache.folder == before
     edited = tmp_path / "embedding.py"
     edited.write_bytes(Path(embedding.__file__).read_bytes() + b"\n# changed\n")
     monkeypatch.setattr(embedding, "__file__", str(edited))

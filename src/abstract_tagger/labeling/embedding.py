@@ -93,12 +93,14 @@ class SentenceEncoder:
     """
 
     def __init__(self, model_path: str = BUNDLED_MINILM, *, batch_size: int = 64, bf16: bool = True,
-                 cache: EmbeddingCache | None = None, device: str = "cpu"):
+                 max_length: int | None = None, cache: EmbeddingCache | None = None, device: str = "cpu"):
         import torch
         from sentence_transformers import SentenceTransformer
 
         # A str: SentenceTransformer takes a Path for a Hub id and fails offline.
         self.model = SentenceTransformer(str(resolve_path(model_path)), device=device)
+        if max_length is not None:  # None: the model's own limit (256 tokens for MiniLM)
+            self.model.max_seq_length = max_length
         self.batch_size = batch_size
         self.autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())

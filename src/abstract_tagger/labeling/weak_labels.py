@@ -180,12 +180,16 @@ def make_encoder(cfg: Mapping[str, Any], cache_dir: Path, device: Any = "cpu") -
     precision = cfg["precision"]
     # auto: bf16 where this hardware runs it faster than fp32 (measured on CPU), else fp32.
     bf16 = (fast_precision(torch.device(device).type) if precision == "auto" else precision) == "bf16"
-    # One store per model, precision (bf16 and fp32 vectors differ slightly) and encoder code, so
-    # vectors an earlier version of the encoder computed are never served.
+    max_length = cfg.get("max_length")
+    # One store per model, precision (bf16 and fp32 vectors differ slightly), token limit and encoder
+    # code, so vectors an earlier version of the encoder computed are never served.
     code = Path(embedding.__file__).read_bytes()
-    tag = hashlib.blake2b(f"{model_path}|bf16={bf16}|".encode() + code, digest_size=6).hexdigest()
+    tag = hashlib.blake2b(f"{model_path}|bf16={bf16}|".encode() + code
+                          + (f"|max_length={max_length}".encode() if max_length is not None else b""),
+                          digest_size=6).hexdigest()
     cache = EmbeddingCache(cache_dir / "embeddings" / tag)
-    return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=bf16, cache=cache, device=str(device))
+    return SentenceEncoder(model_path, batch_size=cfg["batch_size"], bf16=bf16, max_length=max_length, cache=cache,
+                           device=str(device))
 
 
 def _code_digest() -> str:
