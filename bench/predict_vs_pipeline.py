@@ -226,30 +226,34 @@ def peak_rss(checkpoint: Path, files: dict[str, Path], backend: str) -> dict:
 
 
 # Every backend x precision that predict.py can run on a CPU, each measured whole process.
-MATRIX = (("openvino", "int8"), ("openvino", "fp32"), ("onnx", "int8"), ("onnx", "fp32"), ("torch", "bf16"),
-          ("torch", "fp32"))
+MATRIX = (("openvino", "bf16"), ("openvino", "int8"), ("openvino", "fp32"), ("onnx", "int8"), ("onnx", "fp32"),
+          ("torch", "bf16"), ("torch", "fp32"))
 
 
 def auto_pick(checkpoint: Path) -> tuple[str, str]:
     """What backend=auto precision=auto run on this machine (as predict.py resolves them)."""
     from abstract_tagger.checkpoint.format import ONNX_INT8
     from abstract_tagger.common.runtime import fast_precision
-    from abstract_tagger.inference.options import GRAPH_BACKENDS, choose_backend
+    from abstract_tagger.inference.options import GRAPH_BACKENDS, choose_backend, graph_precision
 
     backend = choose_backend("auto", checkpoint)
     if backend in GRAPH_BACKENDS:
-        return backend, "int8" if (checkpoint / ONNX_INT8).is_file() else "fp32"
+        return backend, graph_precision(backend, "auto", (checkpoint / ONNX_INT8).is_file())
     return backend, fast_precision("cpu")
 
 
 def matrix(checkpoint: Path, path: Path) -> list[dict]:
     """Whole-process predict.py for each of MATRIX and the pipeline peer (fp32) on one input file, with
     the share of papers whose tag set equals torch fp32's (rule blend included)."""
+    from abstract_tagger.common.cpu import cpu_has_native_bf16
+
     n = sum(1 for _ in open(path))
     t_pipe, rss_pipe = run_child([sys.executable, __file__, "--pipeline-worker", str(path),
                                   "--checkpoint", str(checkpoint)])
     rows, tags = [{"run": "transformers.pipeline fp32, batch 32", "seconds": t_pipe, "peak_rss_mb": rss_pipe}], {}
     for backend, precision in MATRIX:
+        if precision == "bf16" and not cpu_has_native_bf16():
+            continue  # emulated bf16: slow, and graph backends refuse it
         wall, rss = run_child([*predict_cli(checkpoint, path, backend), f"precision={precision}"])
         tags[backend, precision] = [r["tags"] for r in map(json.loads, open(path.with_suffix(".tags.jsonl")))]
         rows.append({"run": f"predict.py backend={backend} precision={precision}", "backend": backend,

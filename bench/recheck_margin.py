@@ -1,11 +1,13 @@
-"""How far int8 moves the checkpoint's logits, and what each `recheck_margin` costs and keeps.
+"""How far reduced precision (the int8 graph; OpenVINO's bf16) moves the checkpoint's logits, and what
+each `recheck_margin` costs and keeps.
 
-Scores papers once with the int8 graph and once in fp32 (same engine), then, for each margin, the
+Scores papers once in reduced precision and once in fp32 (same engine), then, for each margin, the
 share of papers `predict.py` would rescore in fp32 and the share whose tag set (rule blend included)
 would still differ from fp32's. Papers are scored text only (title and abstract, no arXiv
 categories), as users who have no categories run predict.py.
 
     python bench/recheck_margin.py ../shared/data/arxiv_2025_26.jsonl.gz --n 8000 --skip data/arxiv_recent_subset.jsonl.gz
+    python bench/recheck_margin.py ... --precision bf16   # OpenVINO's bf16 matmuls (CPUs with bf16 instructions)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from abstract_tagger.inference.backends.base import near_cut, sigmoid
 from abstract_tagger.inference.tagger import as_text
 
 ROOT = Path(__file__).resolve().parents[1]
-MARGINS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 
 
 def papers(path: Path, n: int, every: int, skip: set[str]) -> list[Paper]:
@@ -41,13 +43,15 @@ def main() -> None:
     parser.add_argument("--skip", type=Path, action="append", default=[], help="leave out the papers of these files")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/abstract-tagger-minilm")
     parser.add_argument("--backend", default="openvino", choices=["openvino", "onnx"])
+    parser.add_argument("--precision", default="int8", choices=["int8", "bf16"])
     args = parser.parse_args()
 
     skip = {p.id for path in args.skip for p in read_source(path) if isinstance(p, Paper)}
     sample = papers(args.input, args.n, args.every, skip)
-    tagger = Tagger.from_pretrained(args.checkpoint, backend=args.backend, precision="int8", recheck_margin=0.0)
+    tagger = Tagger.from_pretrained(args.checkpoint, backend=args.backend, precision=args.precision,
+                                    recheck_margin=0.0)
     texts = [as_text(p) for p in sample]
-    int8 = tagger.backend.forward(texts, exact=False)
+    reduced = tagger.backend.forward(texts, exact=False)
     fp32 = tagger.backend.forward(texts, exact=True)
     # Where predict.py rechecks: the model score at which the blended score crosses each tag's threshold.
     blend = tagger.blend
@@ -59,16 +63,16 @@ def main() -> None:
         return (blend.mix(probs, rules) if blend else probs) >= tagger.thresholds
 
     expected = tags(fp32)
-    error = np.abs(int8 - fp32)
+    error = np.abs(reduced - fp32)
     print(f"{len(sample)} papers of {args.input.name}, {args.backend}, {cpu_description()}, {os.cpu_count()} CPUs")
-    print("int8 logit error: " + ", ".join(f"{q} {np.quantile(error, v):.3f}" for q, v in
+    print(f"{args.precision} logit error: " + ", ".join(f"{q} {np.quantile(error, v):.3f}" for q, v in
                                               (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))) + f", max {error.max():.3f}")
     print("| recheck_margin | rescored in fp32 | tag sets unlike fp32 |")
     print("|---|---|---|")
-    int8_probs = sigmoid(int8)
+    reduced_probs = sigmoid(reduced)
     for margin in MARGINS:
-        near = near_cut(int8_probs, cut, margin)  # Backend.probabilities' own test
-        changed = (tags(np.where(near[:, None], fp32, int8)) != expected).any(axis=1)
+        near = near_cut(reduced_probs, cut, margin)  # Backend.probabilities' own test
+        changed = (tags(np.where(near[:, None], fp32, reduced)) != expected).any(axis=1)
         print(f"| {margin} | {near.mean():.1%} | {changed.sum()} ({changed.mean():.2%}) |")
 
 

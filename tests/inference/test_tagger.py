@@ -16,6 +16,7 @@ from helpers import BACKENDS, CALIBRATION, SPEECH, TRAIN
 
 from abstract_tagger import Tagger
 from abstract_tagger.checkpoint.format import CheckpointError, check_checkpoint, save_rules
+from abstract_tagger.common.cpu import cpu_has_native_bf16
 from abstract_tagger.data.corpus import Paper
 from abstract_tagger.inference.backends.base import logit, sigmoid
 from abstract_tagger.inference.options import choose_backend
@@ -76,7 +77,10 @@ def test_bf16_and_fp32_agree_on_tags(tiny_checkpoint):
     assert fp32.decide(a) == bf16.decide(b)
 
 
-@pytest.mark.parametrize(("backend", "reduced"), [("torch", "bf16"), ("onnx", "int8")])
+@pytest.mark.parametrize(("backend", "reduced"), [
+    ("torch", "bf16"), ("onnx", "int8"),
+    pytest.param("openvino", "bf16", marks=pytest.mark.skipif(not cpu_has_native_bf16(), reason="no bf16 CPU")),
+])
 def test_reduced_precision_rescores_rows_near_a_threshold_exactly(tiny_onnx_checkpoint, backend, reduced):
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] + ["Speech.", "A " + "long vision paper " * 20]
     fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=backend, precision="fp32").scores(texts)
@@ -93,6 +97,37 @@ def test_reduced_precision_rescores_rows_near_a_threshold_exactly(tiny_onnx_chec
     np.testing.assert_array_equal(rescored[~near], raw[~near])
     tagger.backend.recheck_margin = 100.0
     np.testing.assert_allclose(tagger.scores(texts), fp32, atol=1e-6)
+
+
+def test_rows_reduced_precision_made_nan_are_rescored_even_with_the_recheck_off(tiny_onnx_checkpoint):
+    texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
+    fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="fp32").scores(texts)
+    tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8", recheck_margin=0)
+    fast = tagger.backend.logits
+
+    def overflowing(input_ids, mask, exact):  # what an overflow in reduced precision gives one paper
+        out = fast(input_ids, mask, exact)
+        if not exact:
+            out[0] = np.nan
+        return out
+
+    tagger.backend.logits = overflowing
+    scores = tagger.scores(texts)
+    assert np.isfinite(scores).all()
+    assert sum(np.allclose(row, ref, atol=1e-6) for row, ref in zip(scores, fp32)) >= 1  # the NaN row, rescored
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="OpenVINO's bf16 needs bf16 instructions")
+def test_openvino_compile_cache_keeps_precisions_apart(tiny_onnx_checkpoint, tmp_path, monkeypatch):
+    """OpenVINO's cache key leaves out the precision hint: the fp32 graph compiled and cached first, then
+    loaded for bf16 from the same folder, gave NaN on every paper."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
+    fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="fp32").backend
+    bf16 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="bf16").backend
+    exact, fast = fp32.forward(texts, exact=True), bf16.forward(texts, exact=False)
+    assert np.isfinite(fast).all() and 0 < np.abs(fast - exact).max() < 0.1
+    np.testing.assert_array_equal(bf16.forward(texts, exact=True), exact)
 
 
 def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onnx_checkpoint, taxonomy):
@@ -160,7 +195,7 @@ def test_every_backend_name_has_a_loader():
 
 
 @pytest.mark.parametrize("flags, gpu, graphs, expected", [
-    ({"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}, False, True, "torch"),  # Intel with AMX
+    ({"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}, False, True, "openvino"),  # Intel, AMX
     ({"avx512_bf16", "avx512_vnni"}, False, True, "openvino"),  # AMD EPYC; Intel with AMX not exposed
     ({"avx2"}, False, True, "openvino"),                           # no bf16 instructions at all
     ({"avx512_bf16", "avx512_vnni"}, True, True, "torch"),    # a GPU
@@ -177,6 +212,33 @@ def test_auto_backend_by_cpu_features(flags, gpu, graphs, expected, tiny_checkpo
         chosen = choose_backend("auto", tiny_onnx_checkpoint if graphs else tiny_checkpoint)
     assert chosen == expected
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"backend=auto: {expected}"]
+
+
+@pytest.mark.parametrize("flags, engine, expected", [
+    ({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "openvino", "bf16"),  # AMX: bf16 matmuls
+    ({"avx512_bf16", "avx512_vnni"}, "openvino", "int8"),                       # no AMX: VNNI int8
+    ({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "onnx", "int8"),      # ONNX Runtime has no bf16 here
+    ({"avx2"}, "onnx", "int8"),
+])
+def test_graph_precision_auto_by_cpu_features(flags, engine, expected, tiny_onnx_checkpoint, tmp_path, monkeypatch):
+    from abstract_tagger.common import cpu
+
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", flags))
+    backend = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine).backend
+    assert backend.reduced == expected
+    assert backend.describe().startswith(f"{engine} on cpu, {expected},")
+    no_int8 = shutil.copytree(tiny_onnx_checkpoint, tmp_path / "checkpoint")
+    (no_int8 / "model_quantized.onnx").unlink()  # a checkpoint without the int8 graph: fp32 unless bf16
+    backend = Tagger.from_pretrained(no_int8, backend=engine).backend
+    assert backend.reduced == (expected if expected == "bf16" else None)
+
+
+def test_graph_bf16_needs_bf16_instructions(tiny_onnx_checkpoint, monkeypatch):
+    from abstract_tagger.common import cpu
+
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", {"avx2", "avx512_vnni"}))
+    with pytest.raises(ValueError, match=r"^precision=bf16 for backend=openvino needs a CPU with bf16"):
+        Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="bf16")
 
 
 def test_backend_choice(tiny_checkpoint, tiny_onnx_checkpoint, monkeypatch):

@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "openvino", "onnx", "torch")
 # The backends that run the checkpoint's ONNX graphs (OpenVINO, ONNX Runtime) on the CPU, without torch.
 GRAPH_BACKENDS = ("openvino", "onnx")
-# Per backend (torch: autocast dtypes; graphs: the fp32 graph or the int8 one); auto: the backend's best.
+# Per backend (torch: autocast dtypes; graphs: the fp32 graph or the int8 one, and on OpenVINO the fp32
+# graph with its matmuls in bf16); auto: the backend's best.
 TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ONNX_PRECISIONS = ("auto", "fp32", "int8")
+OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BACKEND_PRECISIONS = {"torch": TORCH_PRECISIONS, "onnx": ONNX_PRECISIONS, "openvino": OPENVINO_PRECISIONS}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # The one home of the prediction defaults, shipped in the package: the Python API reads it, and
 # predict.py's config (conf/predict.yaml) takes it in through Hydra's search path.
@@ -53,8 +56,7 @@ def check_predict_options(options: Mapping[str, Any]) -> None:
     if "threshold" in options:
         fraction("threshold", options["threshold"], allow_none=True)
     checks = {"backend": BACKENDS, "on_error": ("raise", "skip"),
-              "precision": {"torch": TORCH_PRECISIONS, **dict.fromkeys(GRAPH_BACKENDS, ONNX_PRECISIONS)}.get(
-                  options.get("backend"), PRECISIONS)}
+              "precision": BACKEND_PRECISIONS.get(options.get("backend"), PRECISIONS)}
     for key, choices in checks.items():
         if key in options:
             require(options[key] in choices, key, f"must be one of {choices}", options[key])
@@ -106,14 +108,24 @@ def choose_backend(backend: str, checkpoint: str | Path, device: str | None = No
 
 def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
     """(backend, why) for backend=auto. Measured whole process against the pipeline peer (README,
-    Benchmarks): on an Intel Xeon with AMX torch's bf16 autocast ran 2.19x and ONNX Runtime's dynamic
-    int8 1.26x (4,771 abstracts; OpenVINO was not measured there); on an Intel Xeon whose AMX is not
-    exposed OpenVINO's static int8 ran well ahead of ONNX Runtime and torch, bf16 slower than fp32."""
+    Benchmarks): OpenVINO ran ahead of torch and ONNX Runtime on both Intel Xeons measured, with AMX
+    (bf16 matmuls) and without it exposed (static int8); see `graph_precision`."""
     on_gpu = str(device).startswith("cuda") if device is not None else _gpu_visible()
     if on_gpu:
         return "torch", "a GPU"
     if not has_onnx:
         return "torch", f"the checkpoint has no {ONNX_FP32}"
     if cpu_has_amx():
-        return "torch", "AMX on this CPU: bf16 matmuls beat ONNX Runtime int8 (OpenVINO not measured there)"
+        return "openvino", "AMX on this CPU: OpenVINO with bf16 matmuls and an fp32 recheck is the fastest"
     return "openvino", "no AMX on this CPU: OpenVINO int8 with fp32 recheck is the fastest"
+
+
+def graph_precision(engine: str, precision: str, has_int8: bool) -> str:
+    """What a graph backend runs for `precision` (auto: the fastest here). On an AMX Xeon OpenVINO ran the
+    fp32 graph with bf16 matmuls 3.7x its fp32 and 1.1x its int8 graph, moving logits ~10x less than
+    int8 (so far fewer papers are rescored); without AMX the int8 graph is the fast one (VNNI)."""
+    if precision != "auto":
+        return precision
+    if engine == "openvino" and cpu_has_amx():
+        return "bf16"
+    return "int8" if has_int8 else "fp32"

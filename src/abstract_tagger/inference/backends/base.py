@@ -19,8 +19,10 @@ _RECHECK_BATCH = 8
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    # exp(-log(1 + e^-x)): no overflow warning for large |x|.
-    return np.exp(-np.logaddexp(0, -logits)).astype(np.float32)
+    # exp(-log(1 + e^-x)): no overflow warning for large |x|. A NaN (reduced precision overflowed)
+    # stays NaN without a warning: `near_cut` sends its row to the exact recheck.
+    with np.errstate(invalid="ignore"):
+        return np.exp(-np.logaddexp(0, -logits)).astype(np.float32)
 
 
 def logit(p: np.ndarray | float) -> np.ndarray:
@@ -86,7 +88,7 @@ class Backend:
             return np.empty((0, len(self.labels)), dtype=np.float32)
         exact = self.reduced is None
         out = sigmoid(self.forward(texts, exact=exact))
-        if not exact and self.recheck_margin > 0:
+        if not exact:  # with recheck_margin 0, rows that reduced precision made NaN are still rescored
             near = np.flatnonzero(near_cut(out, cut, self.recheck_margin))
             if len(near):
                 out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True,
@@ -98,9 +100,10 @@ class Backend:
 
 
 def near_cut(probs: np.ndarray, cut: np.ndarray | float, margin: float) -> np.ndarray:
-    """Rows (a bool per row) with a score within `margin` logits of its cut: the ones reduced precision
-    may have put on the wrong side. Logits of clipped probabilities, so a cut of 0 or 1 sits at ±16."""
-    return (np.abs(logit(probs) - logit(cut)) < margin).any(axis=1)
+    """Rows (a bool per row) with a score within `margin` logits of its cut, or NaN (an overflow in
+    reduced precision): the ones reduced precision may have put on the wrong side. Logits of clipped
+    probabilities, so a cut of 0 or 1 sits at ±16."""
+    return ~(np.abs(logit(probs) - logit(cut)) >= margin).all(axis=1)
 
 
 def recheck_margin_for(reduced: str | None, margin: float | Mapping[str, float] | None) -> float:

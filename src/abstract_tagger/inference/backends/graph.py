@@ -1,7 +1,7 @@
 """What the two engines that run the checkpoint's ONNX graphs (`onnx_backend`: ONNX Runtime,
 `openvino_backend`: OpenVINO) share: the tokenizer, the checks that a checkpoint's graphs belong to its
-weights, and the fast pass in int8 with papers near a threshold rescored by the fp32 graph, which gives
-torch fp32's scores. Imports numpy, `tokenizers` and `safetensors` only: a process that tags with a
+weights, and the fast pass in reduced precision (the int8 graph; OpenVINO also runs the fp32 graph with
+bf16 matmuls) with papers near a threshold rescored by the fp32 graph, which gives torch fp32's scores. Imports numpy, `tokenizers` and `safetensors` only: a process that tags with a
 graph never loads torch or transformers (most of a short run's time and memory).
 """
 
@@ -17,10 +17,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, CheckpointError
-from abstract_tagger.common.cpu import physical_cores
+from abstract_tagger.common.cpu import cpu_has_native_bf16, physical_cores
 from abstract_tagger.common.files import file_digest
 from abstract_tagger.inference.backends.base import Backend, recheck_margin_for
-from abstract_tagger.inference.options import ONNX_PRECISIONS as PRECISIONS
+from abstract_tagger.inference.options import graph_precision
 
 
 def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
@@ -31,22 +31,24 @@ def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
 
 
 class GraphBackend(Backend):
-    """A checkpoint's ONNX graphs on the CPU. A subclass names its engine and loads a graph (`_load`:
-    the runnable graph and the weights digest it was made from) and runs one (`_run`)."""
+    """A checkpoint's ONNX graphs on the CPU. A subclass names its engine and the precisions it runs, and
+    loads a graph (`_load`: the runnable graph and the weights digest it was made from) and runs one
+    (`_run`)."""
 
     engine: str
+    precisions: tuple[str, ...]
 
     def __init__(
         self, path: Path, *, precision: str = "auto", batch_size: int = 64,
         recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} for backend={self.engine}, got {precision!r}")
+        self._check_precision(precision)
         self.path = path
         has_int8 = (path / ONNX_INT8).is_file()
         if precision == "int8" and not has_int8:
             raise CheckpointError(f"{path}: no {ONNX_INT8} for precision=int8")
-        self.reduced = "int8" if precision == "int8" or (precision == "auto" and has_int8) else None
+        runs = graph_precision(self.engine, precision, has_int8)
+        self.reduced = None if runs == "fp32" else runs
         self.batch_size = batch_size
         self.recheck_margin = recheck_margin_for(self.reduced, recheck_margin)
         self.num_threads = num_threads or physical_cores()
@@ -61,9 +63,19 @@ class GraphBackend(Backend):
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         self.pad_id = _token_id(self.tokenizer, tokenizer_config.get("pad_token"))
-        self.fast = self._graph(ONNX_INT8) if self.reduced else self.exact
+        self.fast = self._graph(ONNX_INT8 if self.reduced == "int8" else ONNX_FP32, self.reduced) \
+            if self.reduced else self.exact
 
-    def _load(self, name: str) -> tuple[Any, str | None]:
+    @classmethod
+    def _check_precision(cls, precision: str) -> None:
+        if precision not in cls.precisions:
+            raise ValueError(f"precision must be one of {cls.precisions} for backend={cls.engine}, got {precision!r}")
+        if precision == "bf16" and not cpu_has_native_bf16():
+            raise ValueError(f"precision=bf16 for backend={cls.engine} needs a CPU with bf16 instructions "
+                             "(AMX or AVX512-BF16); use precision=int8 or fp32")
+
+    def _load(self, name: str, bf16: bool) -> tuple[Any, str | None]:
+        """`bf16`: run the graph's float matmuls in bf16 (only engines whose `precisions` hold bf16)."""
         raise NotImplementedError
 
     def _run(self, graph: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -73,9 +85,9 @@ class GraphBackend(Backend):
         """The number of scores the graph gives, where it states one."""
         raise NotImplementedError
 
-    def _graph(self, name: str) -> Any:
+    def _graph(self, name: str, reduced: str | None = None) -> Any:
         try:
-            graph, made_from = self._load(name)
+            graph, made_from = self._load(name, bf16=reduced == "bf16")
         except Exception as e:  # the engines' errors derive from Exception only
             raise CheckpointError(f"{self.path}: cannot load {name}: {type(e).__name__}: {_first_line(e)}") from e
         # Graphs exported before the digest was recorded carry none and cannot be checked.
@@ -92,7 +104,7 @@ class GraphBackend(Backend):
 
     @cached_property
     def exact(self) -> Any:
-        """The fp32 graph; under int8 loaded at the first recheck (a short run may need none)."""
+        """The fp32 graph; under reduced precision loaded at the first recheck (a short run may need none)."""
         return self._graph(ONNX_FP32)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -118,9 +130,7 @@ class GraphBackend(Backend):
     def load(cls, path: Path, **options) -> GraphBackend:
         """The backend for checkpoint `path`, refusing what torch's loading refuses: unreadable files
         and non-finite weights (the graphs read theirs from model.safetensors)."""
-        if options.get("precision", "auto") not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} for backend={cls.engine}, "
-                             f"got {options['precision']!r}")
+        cls._check_precision(options.get("precision", "auto"))
         check_weights(path / "model.safetensors")
         try:
             backend = cls(path, **options)

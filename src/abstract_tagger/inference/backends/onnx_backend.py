@@ -10,10 +10,12 @@ import onnxruntime as ort
 
 from abstract_tagger.checkpoint.format import WEIGHTS_DIGEST_KEY
 from abstract_tagger.inference.backends.graph import GraphBackend
+from abstract_tagger.inference.options import ONNX_PRECISIONS
 
 
 class OnnxBackend(GraphBackend):
     engine = "onnx"
+    precisions = ONNX_PRECISIONS
 
     def __init__(self, path: Path, **options):
         # The CPU arena keeps its largest size per session and fragments across batch shapes (1.8 GB
@@ -23,7 +25,7 @@ class OnnxBackend(GraphBackend):
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         super().__init__(path, **options)
 
-    def _load(self, name: str) -> tuple[ort.InferenceSession, str | None]:
+    def _load(self, name: str, bf16: bool) -> tuple[ort.InferenceSession, str | None]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.num_threads
         options.inter_op_num_threads = 1
