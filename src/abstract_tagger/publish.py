@@ -46,7 +46,8 @@ from abstract_tagger.checkpoint.format import (
 from abstract_tagger.checkpoint.onnx_export import export_onnx
 from abstract_tagger.common.config import fraction_at, one_of, positive_at, require
 from abstract_tagger.data.corpus import Paper, read_gold, read_source
-from abstract_tagger.inference.options import GRAPH_BACKENDS
+from abstract_tagger.common.cpu import cpu_has_native_bf16
+from abstract_tagger.inference.options import BACKEND_PRECISIONS, GRAPH_BACKENDS
 from abstract_tagger.inference.tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,19 @@ def calibration_texts(spec: Mapping[str, Any]) -> list[str]:
 
 
 def onnx_agreement(checkpoint: Path, texts: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per engine and ONNX graph, against torch fp32 on `texts`: the share of papers with the same tag
-    set and the largest score change, alone and as predict runs it (int8: near-threshold papers rescored)."""
+    """Per engine and precision, against torch fp32 on `texts`: the share of papers with the same tag
+    set and the largest score change, alone and as predict runs it (near-threshold papers rescored).
+    OpenVINO's bf16 (auto's pick on CPUs with AMX) is checked where this CPU has bf16 instructions."""
     reference = Tagger.from_pretrained(checkpoint, backend="torch", precision="fp32")
     ref = reference.scores(texts)
     expected = [set(t) for t in reference.decide(ref)]
-    runs = {"fp32": ("fp32", None), "int8": ("int8", 0.0), "int8 + fp32 recheck": ("int8", None)}
+    runs = {"fp32": ("fp32", None), "int8": ("int8", 0.0), "int8 + fp32 recheck": ("int8", None),
+            "bf16": ("bf16", 0.0), "bf16 + fp32 recheck": ("bf16", None)}
     report = {}
     for engine in GRAPH_BACKENDS:
         for label, (precision, margin) in runs.items():
+            if precision not in BACKEND_PRECISIONS[engine] or (precision == "bf16" and not cpu_has_native_bf16()):
+                continue
             tagger = Tagger.from_pretrained(checkpoint, backend=engine, precision=precision, recheck_margin=margin)
             scores = tagger.scores(texts)
             same = np.mean([set(t) == e for t, e in zip(tagger.decide(scores), expected)])
@@ -141,7 +146,8 @@ def publish(run_dir: Path, *, name: str, out_dir: str | Path, max_mb: float, max
         for label, a in agreement.items():
             print(f"ONNX {label}: same tag set as torch fp32 on {a['same_tags']:.1%} of {len(texts)} dev papers, "
                   f"largest score change {a['max_score_diff']:.2g}")
-        used = {k: v for k, v in agreement.items() if not k.endswith(" int8")}  # int8 alone is never how predict runs it
+        # Reduced precision without its recheck is never how predict runs it.
+        used = {k: v for k, v in agreement.items() if not k.endswith((" int8", " bf16"))}
         bad = [k for k, a in used.items() if 1 - a["same_tags"] > max_disagreement]
         if bad:
             raise ValueError(f"ONNX graph(s) {bad} disagree with torch fp32 on more than "

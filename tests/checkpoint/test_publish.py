@@ -15,6 +15,7 @@ from safetensors import safe_open
 from abstract_tagger import Tagger
 from abstract_tagger.checkpoint.card import CardFacts, model_card
 from abstract_tagger.checkpoint.onnx_export import export_onnx
+from abstract_tagger.common.cpu import cpu_has_native_bf16
 
 
 @pytest.fixture
@@ -41,6 +42,9 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
     assert "changed tag decisions 0" in out
     for engine in ("openvino", "onnx"):  # 87 seed + 110 recent dev papers
         assert f"ONNX {engine} fp32: same tag set as torch fp32 on 100.0% of 197 dev papers" in out
+    # OpenVINO's bf16, auto's pick on CPUs with AMX, is checked where the CPU has bf16; ONNX Runtime has none.
+    bf16_rows = {"openvino bf16", "openvino bf16 + fp32 recheck"} if cpu_has_native_bf16() else set()
+    assert {line.split(":")[0].removeprefix("ONNX ") for line in out.splitlines() if " bf16" in line} == bf16_rows
 
     # The ONNX graphs read the fp16 weights from model.safetensors: the int8 weights are all they add.
     assert {"model.onnx", "model_quantized.onnx"} <= {p.name for p in dest.iterdir()}
@@ -51,6 +55,7 @@ def test_publish_writes_fp16_weights_that_tag_the_same(run_dir, tmp_path, capsys
     assert card.startswith(model_card(CardFacts.load(run_dir / "card.json")).rstrip())
     assert ModelCard(card).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert "| openvino fp32 | 100.0% |" in card and "| onnx fp32 | 100.0% |" in card
+    assert ("| openvino bf16 + fp32 recheck | 100.0% |" in card) == cpu_has_native_bf16()
     assert card.count("## ONNX graphs") == 1
 
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
