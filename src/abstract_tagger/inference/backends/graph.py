@@ -1,8 +1,9 @@
 """What the two engines that run the checkpoint's ONNX graphs (`onnx_backend`: ONNX Runtime,
 `openvino_backend`: OpenVINO) share: the tokenizer, the checks that a checkpoint's graphs belong to its
 weights, and the fast pass in reduced precision (the int8 graph; OpenVINO also runs the fp32 graph with
-bf16 matmuls) with papers near a threshold rescored by the fp32 graph, which gives torch fp32's scores. Imports numpy, `tokenizers` and `safetensors` only: a process that tags with a
-graph never loads torch or transformers (most of a short run's time and memory).
+bf16 matmuls) with papers near a threshold rescored by the fp32 graph, which gives torch fp32's scores.
+Imports numpy, `tokenizers` and `safetensors` only: a process that tags with a graph never loads torch
+or transformers (most of a short run's time and memory).
 """
 
 from __future__ import annotations
