@@ -138,6 +138,21 @@ def test_resume_with_different_settings_is_refused(tagger, tmp_path, monkeypatch
         run(tagger, src, tmp_path / "out.jsonl", chunk_size=2)
     with pytest.raises(ValueError, match="different chunk_size"):
         run(tagger, src, tmp_path / "out.jsonl", chunk_size=3, resume=True)
+    with pytest.raises(ValueError, match="different max_chars"):
+        run(tagger, src, tmp_path / "out.jsonl", chunk_size=2, max_chars=500, resume=True)
+
+
+def test_resume_with_another_precision_is_refused(tiny_onnx_checkpoint, tmp_path):
+    """int8 and bf16 write scores that differ in the 4th decimal: a resumed output must not mix them
+    (say, a run moved from a CPU without AMX, where auto runs int8, to one with it)."""
+    src = write_jsonl(tmp_path / "in.jsonl", records(6))
+    int8 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8")
+    int8.scores = lambda texts, **kwargs: (_ for _ in ()).throw(Killed())
+    with pytest.raises(Killed):
+        run(int8, src, tmp_path / "out.jsonl", chunk_size=2)
+    fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="fp32")
+    with pytest.raises(ValueError, match="different scoring"):
+        run(fp32, src, tmp_path / "out.jsonl", chunk_size=2, resume=True)
 
 
 @pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])

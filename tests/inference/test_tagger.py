@@ -112,22 +112,37 @@ def test_rows_reduced_precision_made_nan_are_rescored_even_with_the_recheck_off(
         return out
 
     tagger.backend.logits = overflowing
+    nan_rows = [int(rows[0]) for rows, _, _ in tagger.backend.batches(texts)]  # the first row of each batch
+    int8 = sigmoid(tagger.backend.forward(texts, exact=False))
     scores = tagger.scores(texts)
     assert np.isfinite(scores).all()
-    assert sum(np.allclose(row, ref, atol=1e-6) for row, ref in zip(scores, fp32)) >= 1  # the NaN row, rescored
+    others = np.setdiff1d(np.arange(len(texts)), nan_rows)
+    assert len(others) and not np.allclose(int8[others], fp32[others], atol=1e-6)
+    np.testing.assert_allclose(scores[nan_rows], fp32[nan_rows], atol=1e-6)  # rescored exactly
+    np.testing.assert_array_equal(scores[others], int8[others])               # the rest left as they were
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="OpenVINO's bf16 needs bf16 instructions")
 def test_openvino_compile_cache_keeps_precisions_apart(tiny_onnx_checkpoint, tmp_path, monkeypatch):
     """OpenVINO's cache key leaves out the precision hint: the fp32 graph compiled and cached first, then
     loaded for bf16 from the same folder, gave NaN on every paper."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from abstract_tagger.inference.backends import openvino_backend
+
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
-    fp32 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="fp32").backend
-    bf16 = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="bf16").backend
-    exact, fast = fp32.forward(texts, exact=True), bf16.forward(texts, exact=False)
-    assert np.isfinite(fast).all() and 0 < np.abs(fast - exact).max() < 0.1
-    np.testing.assert_array_equal(bf16.forward(texts, exact=True), exact)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "uncached"))
+    monkeypatch.setattr(openvino_backend, "cache_dir", lambda hint: None)
+    exact = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="fp32").backend.forward(
+        texts, exact=True)
+    fast = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="bf16").backend.forward(
+        texts, exact=False)
+    assert 0 < np.abs(fast - exact).max() < 0.1
+    monkeypatch.undo()
+    for order in (("fp32", "bf16"), ("bf16", "fp32")):  # either may reach the cache first
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "-".join(order)))
+        for precision in order:
+            backend = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision=precision).backend
+            np.testing.assert_array_equal(backend.forward(texts, exact=precision == "fp32"),
+                                          exact if precision == "fp32" else fast)
 
 
 def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onnx_checkpoint, taxonomy):
@@ -231,6 +246,27 @@ def test_graph_precision_auto_by_cpu_features(flags, engine, expected, tiny_onnx
     (no_int8 / "model_quantized.onnx").unlink()  # a checkpoint without the int8 graph: fp32 unless bf16
     backend = Tagger.from_pretrained(no_int8, backend=engine).backend
     assert backend.reduced == (expected if expected == "bf16" else None)
+
+
+def test_a_margin_mapping_is_merged_over_the_defaults(tiny_onnx_checkpoint):
+    """As predict.py's Hydra merges `recheck_margin={int8: 0.6}`: the other precisions keep theirs."""
+    tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="torch", precision="bf16",
+                                    recheck_margin={"int8": 0.6})
+    assert tagger.backend.recheck_margin == 0.1
+    tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="onnx", precision="int8",
+                                    recheck_margin={"int8": 0.6})
+    assert tagger.backend.recheck_margin == 0.6
+
+
+def test_auto_runs_a_precision_only_torch_has_on_torch(tiny_onnx_checkpoint, monkeypatch):
+    from abstract_tagger.common import cpu
+    from abstract_tagger.inference import options
+
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", {"avx512_bf16", "amx_bf16", "amx_tile"}))
+    monkeypatch.setattr(options, "_gpu_visible", lambda: False)
+    assert choose_backend("auto", tiny_onnx_checkpoint, precision="fp16") == "torch"
+    assert choose_backend("auto", tiny_onnx_checkpoint, precision="bf16") == "openvino"
+    assert Tagger.from_pretrained(tiny_onnx_checkpoint, precision="fp16").backend.engine == "torch"
 
 
 def test_graph_bf16_needs_bf16_instructions(tiny_onnx_checkpoint, monkeypatch):

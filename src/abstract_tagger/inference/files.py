@@ -286,6 +286,9 @@ class FileJob:
         return {
             "input": str(input), "format": self.format, "chunk_size": self.chunk_size, "shard": list(self.shard),
             "csv": rows.csv, "labels": tagger.labels, "top_k": self.top_k, "threshold": self.threshold,
+            "max_chars": self.max_chars, "fields": dict(self.fields) if self.fields else None,
+            # The engine and precision move the written scores (int8 and bf16 differ in the 4th decimal).
+            "scoring": tagger.backend.scoring(),
             # Contents, not names: a file replaced at the same path, or another checkpoint, must not be
             # resumed into. Stdin cannot be fingerprinted before it is read.
             "input_content": None if str(input) == "-" else file_digest(input),
@@ -411,7 +414,7 @@ def predict_from_config(cfg: Any) -> PredictStats:
     """The `predict.py` job; under `accelerate launch` each process tags every N-th chunk and the main
     process merges the parts in input order (torch backend: the processes meet through torch.distributed)."""
     validate_predict(cfg)
-    backend = choose_backend(cfg.backend, cfg.checkpoint)
+    backend = choose_backend(cfg.backend, cfg.checkpoint, precision=cfg.precision)
     if backend in GRAPH_BACKENDS and _launched_processes() > 1:
         if cfg.backend in GRAPH_BACKENDS:
             raise ValueError(f"backend={cfg.backend} runs in one process: split the input with shard=I/N across "

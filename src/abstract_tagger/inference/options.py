@@ -86,9 +86,9 @@ def _gpu_visible() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
 
 
-def choose_backend(backend: str, checkpoint: str | Path, device: str | None = None) -> str:
+def choose_backend(backend: str, checkpoint: str | Path, device: str | None = None, precision: str = "auto") -> str:
     """The backend that runs: `backend` as given, checked, or for "auto" the fastest with exact tags on
-    this machine (`auto_backend`), logged in one line."""
+    this machine (`auto_backend`) among those that run `precision`, logged in one line."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_onnx = (Path(checkpoint) / ONNX_FP32).is_file()
@@ -102,6 +102,8 @@ def choose_backend(backend: str, checkpoint: str | Path, device: str | None = No
     if backend == "torch":
         return "torch"
     chosen, why = auto_backend(has_onnx, device)
+    if precision not in BACKEND_PRECISIONS[chosen] and precision in TORCH_PRECISIONS:
+        chosen, why = "torch", f"precision={precision} runs on torch only"
     log.info("backend=auto: %s (%s)", chosen, why)
     return chosen
 
@@ -116,8 +118,8 @@ def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
     if not has_onnx:
         return "torch", f"the checkpoint has no {ONNX_FP32}"
     if cpu_has_amx():
-        return "openvino", "AMX on this CPU: OpenVINO with bf16 matmuls and an fp32 recheck is the fastest"
-    return "openvino", "no AMX on this CPU: OpenVINO int8 with fp32 recheck is the fastest"
+        return "openvino", "AMX on this CPU: OpenVINO measured fastest, running bf16 matmuls at precision=auto"
+    return "openvino", "no AMX on this CPU: OpenVINO measured fastest, running int8 at precision=auto"
 
 
 def graph_precision(engine: str, precision: str, has_int8: bool) -> str:

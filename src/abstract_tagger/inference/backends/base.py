@@ -20,7 +20,7 @@ _RECHECK_BATCH = 8
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     # exp(-log(1 + e^-x)): no overflow warning for large |x|. A NaN (reduced precision overflowed)
-    # stays NaN without a warning: `near_cut` sends its row to the exact recheck.
+    # stays NaN without a warning: `probabilities` rescores its row exactly.
     with np.errstate(invalid="ignore"):
         return np.exp(-np.logaddexp(0, -logits)).astype(np.float32)
 
@@ -34,6 +34,7 @@ class Backend:
     """Texts -> probabilities (n, tags). A subclass tokenizes (`encode`) and runs a batch (`logits`),
     with `exact=False` in its fast reduced precision (`reduced` names it; None when it has none)."""
 
+    engine: str
     labels: list[str]
     max_length: int
     pad_id: int
@@ -87,9 +88,12 @@ class Backend:
         if not len(texts):
             return np.empty((0, len(self.labels)), dtype=np.float32)
         exact = self.reduced is None
-        out = sigmoid(self.forward(texts, exact=exact))
-        if not exact:  # with recheck_margin 0, rows that reduced precision made NaN are still rescored
-            near = np.flatnonzero(near_cut(out, cut, self.recheck_margin))
+        logits = self.forward(texts, exact=exact)
+        out = sigmoid(logits)
+        if not exact:
+            # Rows where reduced precision overflowed (NaN, inf) are rescored whatever the margin, even 0.
+            overflowed = ~np.isfinite(logits).all(axis=1)
+            near = np.flatnonzero(near_cut(out, cut, self.recheck_margin) | overflowed)
             if len(near):
                 out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True,
                                                  batch_size=min(self.batch_size, _RECHECK_BATCH)))
@@ -98,18 +102,24 @@ class Backend:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def scoring(self) -> dict[str, Any]:
+        """How the scores are computed, beyond the weights (`fingerprint`): what a resumed run must share."""
+        return {"engine": self.engine, "precision": self.reduced or "fp32", "recheck_margin": self.recheck_margin}
+
 
 def near_cut(probs: np.ndarray, cut: np.ndarray | float, margin: float) -> np.ndarray:
-    """Rows (a bool per row) with a score within `margin` logits of its cut, or NaN (an overflow in
-    reduced precision): the ones reduced precision may have put on the wrong side. Logits of clipped
-    probabilities, so a cut of 0 or 1 sits at ±16."""
-    return ~(np.abs(logit(probs) - logit(cut)) >= margin).all(axis=1)
+    """Rows (a bool per row) with a score within `margin` logits of its cut: the ones reduced precision
+    may have put on the wrong side. Logits of clipped probabilities, so a cut of 0 or 1 sits at ±16."""
+    return (np.abs(logit(probs) - logit(cut)) < margin).any(axis=1)
 
 
 def recheck_margin_for(reduced: str | None, margin: float | Mapping[str, float] | None) -> float:
-    """The margin for this precision: a number, a {precision: margin} mapping, or None for the config's."""
+    """The margin for this precision: a number, a {precision: margin} mapping (over the defaults, as
+    predict.py's Hydra merges it), or None for the defaults."""
+    defaults = predict_defaults()["recheck_margin"]
     if margin is None:
-        margin = predict_defaults()["recheck_margin"]
+        margin = defaults
     if isinstance(margin, Mapping):
+        margin = {**defaults, **margin}
         return float(margin.get(reduced, 0.0)) if reduced else 0.0
     return float(margin)

@@ -73,7 +73,7 @@ class GraphBackend(Backend):
             raise ValueError(f"precision must be one of {cls.precisions} for backend={cls.engine}, got {precision!r}")
         if precision == "bf16" and not cpu_has_native_bf16():
             raise ValueError(f"precision=bf16 for backend={cls.engine} needs a CPU with bf16 instructions "
-                             "(AMX or AVX512-BF16); use precision=int8 or fp32")
+                             "(AMX or AVX512-BF16); use precision=auto")
 
     def _load(self, name: str, bf16: bool) -> tuple[Any, str | None]:
         """`bf16`: run the graph's float matmuls in bf16 (only engines whose `precisions` hold bf16)."""

@@ -22,10 +22,12 @@ from abstract_tagger.inference.backends.graph import GraphBackend
 from abstract_tagger.inference.options import OPENVINO_PRECISIONS
 
 
-def cache_dir() -> Path | None:
-    """Where compiled graphs are kept: $XDG_CACHE_HOME (or ~/.cache)/abstract-tagger/openvino; None
-    where it cannot be made (then every start compiles)."""
-    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "abstract-tagger" / "openvino"
+def cache_dir(hint: str) -> Path | None:
+    """Where graphs compiled with precision `hint` are kept: $XDG_CACHE_HOME (or ~/.cache)/abstract-tagger/
+    openvino/<hint>; None where it cannot be made (then every start compiles). One folder per hint:
+    OpenVINO's cache key leaves the hint out, and a graph cached in f32, then loaded for bf16, gave NaN
+    (OpenVINO 2026.4, AMX Xeon)."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "abstract-tagger" / "openvino" / hint
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -47,14 +49,12 @@ class OpenVinoBackend(GraphBackend):
         key = ["framework", WEIGHTS_DIGEST_KEY]
         made_from = str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else None
         # f32 stated for the exact graph: on CPUs with AMX OpenVINO would otherwise run the fp32 ops in
-        # bf16, and the fp32 graph would no longer give torch fp32's scores. The compile cache keys on it.
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.num_threads,
-                                  "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        # bf16, and the fp32 graph would no longer give torch fp32's scores.
+        hint = "bf16" if bf16 else "f32"
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.num_threads, "INFERENCE_PRECISION_HINT": hint,
                                   "PERFORMANCE_HINT": "LATENCY"}
-        if (where := cache_dir()) is not None:
-            # One folder per precision: OpenVINO's cache key leaves the hint out, and a graph cached in f32
-            # then loaded for bf16 gave NaN (OpenVINO 2026.4, AMX Xeon).
-            config["CACHE_DIR"] = str(where / config["INFERENCE_PRECISION_HINT"])
+        if (where := cache_dir(hint)) is not None:
+            config["CACHE_DIR"] = str(where)
         return _core().compile_model(model, "CPU", config).create_infer_request(), made_from
 
     def _run(self, graph: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

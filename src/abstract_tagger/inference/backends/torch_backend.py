@@ -27,6 +27,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class TorchBackend(Backend):
+    engine = "torch"
+
     def __init__(
         self, model: torch.nn.Module, tokenizer, *, precision: str = "auto", batch_size: int = 64,
         recheck_margin: float | Mapping[str, float] | None = None,
