@@ -245,15 +245,15 @@ def auto_pick(checkpoint: Path) -> tuple[str, str]:
 def matrix(checkpoint: Path, path: Path) -> list[dict]:
     """Whole-process predict.py for each of MATRIX and the pipeline peer (fp32) on one input file, with
     the share of papers whose tag set equals torch fp32's (rule blend included)."""
-    from abstract_tagger.common.cpu import cpu_has_native_bf16
+    from abstract_tagger.inference.options import runnable_precisions
 
     n = sum(1 for _ in open(path))
     t_pipe, rss_pipe = run_child([sys.executable, __file__, "--pipeline-worker", str(path),
                                   "--checkpoint", str(checkpoint)])
     rows, tags = [{"run": "transformers.pipeline fp32, batch 32", "seconds": t_pipe, "peak_rss_mb": rss_pipe}], {}
     for backend, precision in MATRIX:
-        if (backend, precision) == ("openvino", "bf16") and not cpu_has_native_bf16():
-            continue  # refused without bf16 instructions
+        if precision not in runnable_precisions(backend):
+            continue
         wall, rss = run_child([*predict_cli(checkpoint, path, backend), f"precision={precision}"])
         tags[backend, precision] = [r["tags"] for r in map(json.loads, open(path.with_suffix(".tags.jsonl")))]
         rows.append({"run": f"predict.py backend={backend} precision={precision}", "backend": backend,

@@ -46,8 +46,7 @@ from abstract_tagger.checkpoint.format import (
 from abstract_tagger.checkpoint.onnx_export import export_onnx
 from abstract_tagger.common.config import fraction_at, one_of, positive_at, require
 from abstract_tagger.data.corpus import Paper, read_gold, read_source
-from abstract_tagger.common.cpu import cpu_has_native_bf16
-from abstract_tagger.inference.options import BACKEND_PRECISIONS, GRAPH_BACKENDS
+from abstract_tagger.inference.options import GRAPH_BACKENDS, runnable_precisions
 from abstract_tagger.inference.tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ def onnx_agreement(checkpoint: Path, texts: Sequence[str]) -> dict[str, dict[str
     report = {}
     for engine in GRAPH_BACKENDS:
         for label, (precision, margin) in runs.items():
-            if precision not in BACKEND_PRECISIONS[engine] or (precision == "bf16" and not cpu_has_native_bf16()):
+            if precision not in runnable_precisions(engine):
                 continue
             tagger = Tagger.from_pretrained(checkpoint, backend=engine, precision=precision, recheck_margin=margin)
             scores = tagger.scores(texts)

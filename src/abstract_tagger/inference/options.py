@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from abstract_tagger.checkpoint.format import ONNX_FP32, CheckpointError
 from abstract_tagger.common.config import fraction, is_number, plain, positive, require
-from abstract_tagger.common.cpu import cpu_has_amx
+from abstract_tagger.common.cpu import cpu_has_amx, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,15 @@ def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
     if cpu_has_amx():
         return "openvino", "AMX on this CPU: OpenVINO measured fastest, running bf16 matmuls at precision=auto"
     return "openvino", "no AMX on this CPU: OpenVINO measured fastest, running int8 at precision=auto"
+
+
+def runnable_precisions(backend: str) -> tuple[str, ...]:
+    """The precisions `backend` runs on this machine: a graph engine's bf16 needs bf16 instructions
+    (AMX or AVX512-BF16), where torch would emulate it."""
+    choices = BACKEND_PRECISIONS[backend]
+    if backend in GRAPH_BACKENDS and not cpu_has_native_bf16():
+        return tuple(p for p in choices if p != "bf16")
+    return choices
 
 
 def graph_precision(engine: str, precision: str, has_int8: bool) -> str:

@@ -118,7 +118,8 @@ class Tagger:
         options = {k: predict_defaults()[k] if v is None else v for k, v in given.items()}
         check_predict_options(options)
         path = check_checkpoint(path)
-        model = BACKEND_LOADERS[choose_backend(options.pop("backend"), path, device, options["precision"])](path, device, options)
+        backend = choose_backend(options.pop("backend"), path, device, options["precision"])
+        model = BACKEND_LOADERS[backend](path, device, options)
         thresholds = load_thresholds(path, model.labels)
         blend = load_rules(path, model.labels)
         return cls(model, thresholds, blend=blend)

@@ -18,10 +18,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, CheckpointError
-from abstract_tagger.common.cpu import cpu_has_native_bf16, physical_cores
+from abstract_tagger.common.cpu import physical_cores
 from abstract_tagger.common.files import file_digest
 from abstract_tagger.inference.backends.base import Backend, recheck_margin_for
-from abstract_tagger.inference.options import graph_precision
+from abstract_tagger.inference.options import BACKEND_PRECISIONS, graph_precision, runnable_precisions
 
 
 def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
@@ -32,12 +32,11 @@ def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
 
 
 class GraphBackend(Backend):
-    """A checkpoint's ONNX graphs on the CPU. A subclass names its engine and the precisions it runs, and
-    loads a graph (`_load`: the runnable graph and the weights digest it was made from) and runs one
-    (`_run`)."""
+    """A checkpoint's ONNX graphs on the CPU. A subclass names its engine (its precisions are
+    `options.BACKEND_PRECISIONS[engine]`) and loads a graph (`_load`: the runnable graph and the weights
+    digest it was made from) and runs one (`_run`)."""
 
     engine: str
-    precisions: tuple[str, ...]
 
     def __init__(
         self, path: Path, *, precision: str = "auto", batch_size: int = 64,
@@ -69,14 +68,15 @@ class GraphBackend(Backend):
 
     @classmethod
     def _check_precision(cls, precision: str) -> None:
-        if precision not in cls.precisions:
-            raise ValueError(f"precision must be one of {cls.precisions} for backend={cls.engine}, got {precision!r}")
-        if precision == "bf16" and not cpu_has_native_bf16():
+        choices = BACKEND_PRECISIONS[cls.engine]
+        if precision not in choices:
+            raise ValueError(f"precision must be one of {choices} for backend={cls.engine}, got {precision!r}")
+        if precision not in runnable_precisions(cls.engine):
             raise ValueError(f"precision=bf16 for backend={cls.engine} needs a CPU with bf16 instructions "
                              "(AMX or AVX512-BF16); use precision=auto")
 
     def _load(self, name: str, bf16: bool) -> tuple[Any, str | None]:
-        """`bf16`: run the graph's float matmuls in bf16 (only engines whose `precisions` hold bf16)."""
+        """`bf16`: run the graph's float matmuls in bf16 (only engines whose precisions hold bf16)."""
         raise NotImplementedError
 
     def _run(self, graph: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -10,12 +10,10 @@ import onnxruntime as ort
 
 from abstract_tagger.checkpoint.format import WEIGHTS_DIGEST_KEY
 from abstract_tagger.inference.backends.graph import GraphBackend
-from abstract_tagger.inference.options import ONNX_PRECISIONS
 
 
 class OnnxBackend(GraphBackend):
     engine = "onnx"
-    precisions = ONNX_PRECISIONS
 
     def __init__(self, path: Path, **options):
         # The CPU arena keeps its largest size per session and fragments across batch shapes (1.8 GB

@@ -3,8 +3,8 @@
 OpenVINO turns the static int8 graph's quantise/dequantise pairs into int8 (VNNI, AMX) kernels: on a
 2-core Intel Xeon without AMX it ran that graph 2.6x its fp32 graph, where ONNX Runtime ran it 1.3x
 (README, Benchmarks). On a CPU with AMX it also runs the fp32 graph's matmuls in bf16 (precision=bf16):
-3.7x its fp32 there, a little ahead of int8, and ~10x closer to fp32's logits. Compiled graphs are cached per machine (`cache_dir`), which cuts a start's
-compile from ~0.7 s to ~0.1 s.
+3.7x its fp32 there, a little ahead of int8, and ~10x closer to fp32's logits. Compiled graphs are
+cached per machine (`cache_dir`), which cuts a start's compile from ~0.7 s to ~0.1 s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import openvino as ov
 
 from abstract_tagger.checkpoint.format import WEIGHTS_DIGEST_KEY
 from abstract_tagger.inference.backends.graph import GraphBackend
-from abstract_tagger.inference.options import OPENVINO_PRECISIONS
 
 
 def cache_dir(hint: str) -> Path | None:
@@ -42,7 +41,6 @@ def _core() -> ov.Core:
 
 class OpenVinoBackend(GraphBackend):
     engine = "openvino"
-    precisions = OPENVINO_PRECISIONS
 
     def _load(self, name: str, bf16: bool) -> tuple[ov.InferRequest, str | None]:
         model = _core().read_model(str(self.path / name))
