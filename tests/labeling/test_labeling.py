@@ -21,6 +21,8 @@ from abstract_tagger.labeling.functions import (
     KeywordFunctions,
     PatternIndex,
     build_functions,
+    split_branches,
+    spell_out_leading_group,
 )
 from abstract_tagger.labeling.label_model import LearnedLabelModel, MajorityVote
 from abstract_tagger.labeling.weak_labels import cache_key
@@ -100,6 +102,33 @@ def test_pattern_index_counts_what_a_plain_search_of_each_pattern_finds(root, ta
                         for tag in taxonomy.tags]
             assert index.counts(text) == expected
         assert index.compiled
+
+
+def test_short_literals_and_leading_groups_are_gated_and_still_found_exactly():
+    """Literals of 1-3 characters are gated by the words' first characters, and branches opening with a
+    group are spelled out into branches opening with literals: the counts stay those of a plain search,
+    including at words that only look like a boundary (an underscore or a letter like é before them)."""
+    patterns = [[r"kv[- ]cache", r"o1", r"3d"], [r"(?:llm|web) agents?", r"(?:human-)?annotated data"],
+                [r"(?:a|b)+c", r"(?:x)?+y", r"(?:(?:deep|wide) )?nets?"], [r"q", r"rl(?:hf)?"]]
+    index = PatternIndex(patterns, ["a", "b", "c", "d"])
+    # Searched in every text: only the branches that cannot open with a literal (a repeated group).
+    assert [(t, i) for t, i, _ in index.always] == [(2, 0), (2, 1)]
+    texts = ["kv-cache for o1 and 3d", "_kv cache, éo1 x3d", "web agent and human-annotated data",
+             "llm-agents annotated datas", "abac and xy, y", "deep nets", "wide net q", "rlhf", "a q-rl", "",
+             "kv", "k", "o", "3"]
+    for text in texts:
+        expected = [sum(bool(re.search(rf"\b(?:{p})\b", text)) for p in tag) for tag in patterns]
+        assert index.counts(text) == expected, text
+
+
+def test_a_leading_group_is_spelled_out_only_where_that_keeps_the_matches():
+    assert spell_out_leading_group("(?:a|b)c") == ["ac", "bc"]
+    assert spell_out_leading_group("(?:(?:human-)?annotated (?:data|corpus))") == [
+        "human-annotated (?:data|corpus)", "annotated (?:data|corpus)"]
+    assert spell_out_leading_group("(?:a(?:x|y)|b)??c") == ["a(?:x|y)c", "bc", "c"]
+    for kept in ("(?:a|b)+c", "(?:a|b)*c", "(?:a|b){2}c", "(?:a)?+c", "(a|b)c", "x(?:a|b)", "(?i:a)b"):
+        assert spell_out_leading_group(kept) == [kept]
+    assert split_branches(r"a|b(c|d)|[|]x|\|y") == ["a", "b(c|d)", "[|]x", r"\|y"]
 
 
 def test_a_pattern_whose_branches_refer_to_each_other_is_searched_whole():

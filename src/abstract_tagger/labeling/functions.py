@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,12 @@ class PatternIndex:
     top-level branch of a pattern is searched on its own, as a regex that starts with the branch's
     leading literal ("quanti" for `quanti[sz]\\w+`), which `re` finds with a fast substring scan
     (the word boundary before it is a lookbehind placed after the literal so as not to hide it).
-    Branches whose literal has 4+ characters are searched only if some word of the text starts
-    with those 4; the rest are searched in every text (still a fast scan if they start with a
-    literal at all).
+    A branch that opens with a group is first spelled out (`(?:llm|web) agents?` as `llm agents?`
+    and `web agents?`), so that nearly every branch opens with a literal. A branch is searched only
+    if some word of the text starts with its literal's first 4 characters (all of it, if shorter:
+    "kv" for `kv[- ]cache`); the few without a literal are searched in every text. Searching the
+    ~70 branches an index with short literals or a leading group in every text took the rule votes
+    of 5,000 abstracts (title and abstract) to 1.55 s, against 0.93 s gated (2-core Intel Xeon).
 
     A gated group of branches is compiled when a text first has its prefix: compiling all ~1,100
     branches of the title and abstract indexes took 0.15 s of a checkpoint's load, most of the
@@ -56,20 +59,23 @@ class PatternIndex:
                     # where its groups keep their numbers.
                     always.append((t, i, f"\\b(?:{pattern})\\b"))
                     continue
-                for branch in split_branches(pattern):
+                for branch in (b for top in split_branches(pattern) for b in spell_out_leading_group(top)):
                     key = leading_literal(branch)
                     source = f"{key}(?<!\\w{key}){branch[len(key):]}\\b" if key else f"\\b(?:{branch})\\b"
-                    if len(key) >= PREFIX_CHARS:
+                    if key:
                         self.gated.setdefault(key[:PREFIX_CHARS], []).append((t, i, source))
                     else:
                         always.append((t, i, source))
         self.always = [(t, i, _regex(source)) for t, i, source in always]
         self.prefixes = frozenset(self.gated)
+        self.short_lengths = sorted({len(p) for p in self.prefixes if len(p) < PREFIX_CHARS})
 
     def counts(self, text: str) -> list[int]:
         """How many distinct patterns of each tag occur in `text` (lowercased)."""
         found: set[tuple[int, int]] = set()
-        for prefix in self.prefixes.intersection(_WORD_HEAD.findall(text)):
+        heads = set(_WORD_HEAD.findall(text))  # each word's first 4 letters or digits (all, if fewer)
+        heads.update([head[:n] for head in heads for n in self.short_lengths])
+        for prefix in self.prefixes.intersection(heads):
             group = self.compiled.get(prefix)
             if group is None:
                 group = self.compiled[prefix] = [(t, i, _regex(source)) for t, i, source in self.gated[prefix]]
@@ -89,13 +95,14 @@ _regex = functools.cache(re.compile)
 
 
 PREFIX_CHARS = 4
-_WORD_HEAD = re.compile(r"\b[a-z0-9]{%d}" % PREFIX_CHARS)
+_WORD_HEAD = re.compile(r"\b[a-z0-9]{1,%d}" % PREFIX_CHARS)
 _LITERAL = re.compile(r"[a-z0-9]+")
 
 
-def split_branches(pattern: str) -> list[str]:
-    """Split a regex at its top-level `|` (not inside groups, classes or escapes)."""
-    branches, depth, in_class, start, i = [], 0, False, 0, 0
+def _structure(pattern: str) -> Iterator[tuple[int, str, int]]:
+    """(index, character, group depth) of each character of a regex outside escapes and classes; a
+    group's parentheses count as inside it."""
+    depth, in_class, i = 0, False, 0
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
@@ -104,15 +111,34 @@ def split_branches(pattern: str) -> list[str]:
             in_class = c != "]"
         elif c == "[":
             in_class = True
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            branches.append(pattern[start:i])
-            start = i + 1
+        else:
+            depth += c == "("
+            yield i, c, depth
+            depth -= c == ")"
         i += 1
-    return [*branches, pattern[start:]]
+
+
+def split_branches(pattern: str) -> list[str]:
+    """Split a regex at its top-level `|` (not inside groups, classes or escapes)."""
+    cuts = [i for i, c, depth in _structure(pattern) if c == "|" and depth == 0]
+    return [pattern[start + 1:end] for start, end in zip([-1, *cuts], [*cuts, len(pattern)])]
+
+
+def spell_out_leading_group(branch: str) -> list[str]:
+    """A branch that opens with a non-capturing group, `(?:a|b)c` or optional `(?:a)?c`, as the branches
+    it stands for (`ac`, `bc`; `ac`, `c`), recursively, so that each opens with a literal. A search finds
+    one of them exactly where it finds the branch. Any other branch (a group repeated by `*`, `+`, `{}` or
+    possessively optional, a capturing one) comes back as it is."""
+    if not branch.startswith("(?:"):
+        return [branch]
+    end = next(i for i, c, depth in _structure(branch) if c == ")" and depth == 1)
+    alternatives, rest = split_branches(branch[3:end]), branch[end + 1:]
+    if rest[:1] in ("*", "+", "{") or rest[:2] == "?+":
+        return [branch]
+    if rest[:1] == "?":
+        alternatives.append("")
+        rest = rest[2:] if rest[1:2] == "?" else rest[1:]
+    return [b for alternative in alternatives for b in spell_out_leading_group(alternative + rest)]
 
 
 def leading_literal(branch: str) -> str:
