@@ -229,6 +229,20 @@ def test_auto_backend_by_cpu_features(flags, gpu, graphs, expected, tiny_checkpo
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"backend=auto: {expected}"]
 
 
+@pytest.mark.parametrize("precision, runs", [("auto", "bf16 at precision=auto"), ("int8", "int8"), ("fp32", "fp32")])
+def test_auto_logs_the_precision_that_runs(precision, runs, tiny_onnx_checkpoint, monkeypatch, caplog):
+    """The log line named auto's bf16 on an AMX CPU even where precision=int8 was set."""
+    from abstract_tagger.common import cpu
+    from abstract_tagger.inference import options
+
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: ("Some CPU", {"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}))
+    monkeypatch.setattr(options, "_gpu_visible", lambda: False)
+    with caplog.at_level(logging.INFO, logger="abstract_tagger.inference.options"):
+        choose_backend("auto", tiny_onnx_checkpoint, precision=precision)
+    assert caplog.records[0].getMessage() == \
+        f"backend=auto: openvino (AMX on this CPU: OpenVINO measured fastest; {runs})"
+
+
 @pytest.mark.parametrize("flags, engine, expected", [
     ({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "openvino", "bf16"),  # AMX: bf16 matmuls
     ({"avx512_bf16", "avx512_vnni"}, "openvino", "int8"),                       # no AMX: VNNI int8

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from abstract_tagger.checkpoint.format import ONNX_FP32, CheckpointError
+from abstract_tagger.checkpoint.format import ONNX_FP32, ONNX_INT8, CheckpointError
 from abstract_tagger.common.config import fraction, is_number, plain, positive, require
 from abstract_tagger.common.cpu import cpu_has_amx, cpu_has_native_bf16
 
@@ -104,6 +104,9 @@ def choose_backend(backend: str, checkpoint: str | Path, device: str | None = No
     chosen, why = auto_backend(has_onnx, device)
     if precision not in BACKEND_PRECISIONS[chosen] and precision in TORCH_PRECISIONS:
         chosen, why = "torch", f"precision={precision} runs on torch only"
+    elif chosen in GRAPH_BACKENDS:
+        runs = graph_precision(chosen, precision, (Path(checkpoint) / ONNX_INT8).is_file())
+        why += f"; {runs}" + (" at precision=auto" if precision == "auto" else "")
     log.info("backend=auto: %s (%s)", chosen, why)
     return chosen
 
@@ -117,9 +120,10 @@ def auto_backend(has_onnx: bool, device: str | None) -> tuple[str, str]:
         return "torch", "a GPU"
     if not has_onnx:
         return "torch", f"the checkpoint has no {ONNX_FP32}"
+    # The precision that runs is added by `choose_backend` (see `graph_precision`).
     if cpu_has_amx():
-        return "openvino", "AMX on this CPU: OpenVINO measured fastest, running bf16 matmuls at precision=auto"
-    return "openvino", "no AMX on this CPU: OpenVINO measured fastest, running int8 at precision=auto"
+        return "openvino", "AMX on this CPU: OpenVINO measured fastest"
+    return "openvino", "no AMX on this CPU: OpenVINO measured fastest"
 
 
 def runnable_precisions(backend: str) -> tuple[str, ...]:
