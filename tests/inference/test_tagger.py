@@ -174,16 +174,21 @@ def test_blend_recheck_rescores_papers_whose_model_score_is_near_a_flip(tiny_onn
 
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])
 def test_the_recheck_runs_in_small_batches(tiny_onnx_checkpoint, engine):
-    """The recheck's graph keeps its activations small: batches of 8, whatever batch_size is (peak RSS
-    560 -> 475 MB with OpenVINO on the published MiniLM); the fast pass keeps batch_size."""
+    """The recheck's graph keeps its activations small: batches of 1,024 tokens' worth of papers (8 at
+    128 tokens, 4 at 256), whatever batch_size is (peak RSS 560 -> 475 MB with OpenVINO on the published
+    MiniLM at 128 tokens, 568 -> 537 MB at 256); the fast pass keeps batch_size."""
     tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine, precision="int8", batch_size=32,
                                     recheck_margin=100.0)  # every paper rechecked
     shapes, logits = [], tagger.backend.logits
     tagger.backend.logits = lambda ids, mask, exact: shapes.append((len(ids), exact)) or logits(ids, mask, exact)
     texts = [f"{t}. {a}" for (t, a), _ in TRAIN] * 7
     reference = Tagger.from_pretrained(tiny_onnx_checkpoint, backend=engine, precision="fp32").scores(texts)
-    np.testing.assert_allclose(tagger.scores(texts), reference, atol=1e-6)
-    assert shapes == [(21, False), (8, True), (8, True), (5, True)]
+    for max_length, expected in ((128, [(21, False), (8, True), (8, True), (5, True)]),
+                                 (256, [(21, False), (4, True), (4, True), (4, True), (4, True), (4, True), (1, True)])):
+        tagger.backend.max_length = max_length  # the batch a checkpoint of that length would get (texts are shorter)
+        shapes.clear()
+        np.testing.assert_allclose(tagger.scores(texts), reference, atol=1e-6)
+        assert shapes == expected
 
 
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])

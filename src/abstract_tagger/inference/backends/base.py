@@ -13,9 +13,11 @@ from abstract_tagger.inference.options import predict_defaults
 
 _PAD_MULTIPLE = 8
 # The recheck scores a few papers a chunk with a second graph (or weights): in small batches its
-# activations stay small. On the published MiniLM with OpenVINO, batches of 8 instead of the main
-# pass's (then 32) took peak RSS from 560 to 475 MB on 2,048 abstracts at no measurable cost in time.
-_RECHECK_BATCH = 8
+# activations stay small. On the published MiniLM with OpenVINO, batches of 8 at 128 tokens instead of
+# the main pass's (then 32) took peak RSS from 560 to 475 MB on 2,048 abstracts at no measurable cost in
+# time; at 256 tokens, 4 instead of 8 took it from 568 to 537 MB on 5,000 at the same speed (fp32
+# recheck, 39-40 abstracts/s either way). So a recheck batch holds this many tokens (at least a paper).
+_RECHECK_TOKENS = 1024
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -96,8 +98,11 @@ class Backend:
             near = np.flatnonzero(near_cut(out, cut, self.recheck_margin) | overflowed)
             if len(near):
                 out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True,
-                                                 batch_size=min(self.batch_size, _RECHECK_BATCH)))
+                                                 batch_size=self.recheck_batch_size()))
         return out
+
+    def recheck_batch_size(self) -> int:
+        return min(self.batch_size, max(1, _RECHECK_TOKENS // self.max_length))
 
     def describe(self) -> str:
         raise NotImplementedError
