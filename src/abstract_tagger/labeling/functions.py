@@ -100,22 +100,27 @@ _LITERAL = re.compile(r"[a-z0-9]+")
 
 
 def _structure(pattern: str) -> Iterator[tuple[int, str, int]]:
-    """(index, character, group depth) of each character of a regex outside escapes and classes; a
-    group's parentheses count as inside it."""
-    depth, in_class, i = 0, False, 0
+    """(index, character, group depth) of each character of a (valid) regex outside escapes, classes
+    and comments; a group's parentheses count as inside it."""
+    depth, i = 0, 0
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
-            i += 1
-        elif in_class:
-            in_class = c != "]"
+            i += 2
         elif c == "[":
-            in_class = True
+            # A "]" first in a class (after an optional "^") is a literal: `[](]` is one class.
+            i += 1 + (pattern[i + 1:i + 2] == "^")
+            i += pattern[i:i + 1] == "]"
+            while pattern[i:i + 1] not in ("]", ""):
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif pattern.startswith("(?#", i):
+            i = pattern.index(")", i) + 1  # a comment ends at its first ")"
         else:
             depth += c == "("
             yield i, c, depth
             depth -= c == ")"
-        i += 1
+            i += 1
 
 
 def split_branches(pattern: str) -> list[str]:
@@ -131,22 +136,29 @@ def spell_out_leading_group(branch: str) -> list[str]:
     possessively optional, a capturing one) comes back as it is."""
     if not branch.startswith("(?:"):
         return [branch]
-    end = next(i for i, c, depth in _structure(branch) if c == ")" and depth == 1)
+    end = next((i for i, c, depth in _structure(branch) if c == ")" and depth == 1), None)
+    if end is None:  # not a group this reader understands: searched as it is, which is always right
+        return [branch]
     alternatives, rest = split_branches(branch[3:end]), branch[end + 1:]
     if rest[:1] in ("*", "+", "{") or rest[:2] == "?+":
         return [branch]
     if rest[:1] == "?":
         alternatives.append("")
         rest = rest[2:] if rest[1:2] == "?" else rest[1:]
-    return [b for alternative in alternatives for b in spell_out_leading_group(alternative + rest)]
+    # An empty group at the seam, so that the two halves cannot read as one token: `a{` + `2}` would
+    # be a repeat, `\0` + `1` the escape `\01`.
+    return [b for alternative in alternatives
+            for b in spell_out_leading_group(f"{alternative}(?:){rest}" if alternative and rest else alternative + rest)]
 
 
 def leading_literal(branch: str) -> str:
     """The letters and digits every match of `branch` starts with."""
     m = _LITERAL.match(branch)
     literal = m.group(0) if m else ""
-    if branch[len(literal):len(literal) + 1] in ("?", "*", "{"):
-        literal = literal[:-1]  # the last character is optional
+    if branch[len(literal):len(literal) + 1] in ("?", "*", "+", "{"):
+        # The last character is optional or repeated: the search regex puts a lookbehind after the
+        # literal, where a quantifier would repeat the lookbehind instead (`ab+c` found only "abc").
+        literal = literal[:-1]
     return literal
 
 
