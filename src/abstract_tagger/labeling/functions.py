@@ -34,7 +34,8 @@ class PatternIndex:
     if some word of the text starts with its literal's first 4 characters (all of it, if shorter:
     "kv" for `kv[- ]cache`); the few without a literal are searched in every text. Searching the
     ~70 branches an index with short literals or a leading group in every text took the rule votes
-    of 5,000 abstracts (title and abstract) to 1.55 s, against 0.93 s gated (2-core Intel Xeon).
+    of 5,000 abstracts (title and abstract) to 1.64-1.73 s, against 1.06-1.08 s gated (2-core Intel
+    Xeon with AMX, three alternating runs).
 
     A gated group of branches is compiled when a text first has its prefix: compiling all ~1,100
     branches of the title and abstract indexes took 0.15 s of a checkpoint's load, most of the
