@@ -1,5 +1,6 @@
 """Writing files safely: whole or not at all (`write_atomic`), by one process at a time
-(`exclusive`), and known by content (`file_digest`). Imports nothing of the package.
+(`exclusive`), and known by content (`file_digest`); the user's cache folder (`user_cache`). Imports
+nothing of the package.
 
 Files that a run must not share: one process writes an output at a time.
 
@@ -81,3 +82,14 @@ def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes: the content a cache entry or a resumed run was made from."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def user_cache(*parts: str) -> Path | None:
+    """The folder `parts` of the package's cache for this user, $XDG_CACHE_HOME (or ~/.cache)/abstract-tagger/
+    <parts>, made if needed; None where it cannot be made or written (the caller then does without)."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "abstract-tagger", *parts)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None

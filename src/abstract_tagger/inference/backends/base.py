@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from abstract_tagger.common.memory import trim_heap
 from abstract_tagger.inference.options import predict_defaults
 
 _PAD_MULTIPLE = 8
@@ -97,9 +98,18 @@ class Backend:
             overflowed = ~np.isfinite(logits).all(axis=1)
             near = np.flatnonzero(near_cut(out, cut, self.recheck_margin) | overflowed)
             if len(near):
+                # The two passes' buffers need not add up: the fast pass's go back before the exact
+                # pass builds its own, and those go back after it.
+                self.release_memory(exact=False)
                 out[near] = sigmoid(self.forward([texts[i] for i in near], exact=True,
                                                  batch_size=self.recheck_batch_size()))
+                self.release_memory(exact=True)
         return out
+
+    def release_memory(self, exact: bool) -> None:
+        """Give the intermediate buffers of the exact or the fast pass back to the OS; its next batch
+        allocates them again. A backend whose engine keeps them releases them first."""
+        trim_heap()
 
     def recheck_batch_size(self) -> int:
         return min(self.batch_size, max(1, _RECHECK_TOKENS // self.max_length))
