@@ -109,7 +109,7 @@ def steady_state(checkpoint: Path, sets: dict[str, list[dict]], backend: str) ->
     no_recheck = Tagger.from_pretrained(checkpoint, backend=backend, recheck_margin=0)
     pipe = make_pipeline(checkpoint)
     model = tagger.backend
-    results = {"backend": model.describe(), "batch_size": model.batch_size, "max_length": model.max_length,
+    results = {"backend": model.describe(), "batch_size": model.pass_batch_size(), "max_length": model.max_length,
                "recheck_margin": model.recheck_margin}
     warm = [as_text(r) for r in sets["seed"][:PIPELINE_BATCH]]
     tagger.scores(warm), pipeline_scores(pipe, warm, tagger.labels)

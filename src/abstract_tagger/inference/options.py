@@ -47,10 +47,10 @@ def check_predict_options(options: Mapping[str, Any]) -> None:
     unknown = sorted(set(options) - set(PREDICT_OPTIONS))
     if unknown:
         raise TypeError(f"unknown prediction option(s) {unknown}; expected some of {PREDICT_OPTIONS}")
-    for key in ("batch_size", "chunk_size", "max_chars"):
+    for key in ("chunk_size", "max_chars"):
         if key in options:
             positive(key, options[key], integer=True)
-    for key in ("top_k", "num_threads"):
+    for key in ("batch_size", "top_k", "num_threads"):
         if key in options:
             positive(key, options[key], integer=True, allow_none=True)
     if "threshold" in options:

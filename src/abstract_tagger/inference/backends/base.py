@@ -13,6 +13,12 @@ from abstract_tagger.common.memory import trim_heap
 from abstract_tagger.inference.options import predict_defaults
 
 _PAD_MULTIPLE = 8
+# A batch's activations set peak memory (the attention scores grow with the square of its length). By
+# default a batch holds this many tokens' worth of papers: 16 at 128 tokens, 8 at 256. On the published
+# MiniLM at 256 tokens, 8 instead of 16 ran as fast (OpenVINO bf16, torch bf16 a little faster) and took
+# torch bf16's peak RSS on 2,048 abstracts from 733-741 to 673-680 MB; at 128 tokens 8 ran ~3% slower
+# than 16 (AMX Xeon, 2 cores).
+_BATCH_TOKENS = 2048
 # The recheck scores a few papers a chunk with a second graph (or weights): in small batches its
 # activations stay small. On the published MiniLM with OpenVINO, batches of 8 at 128 tokens instead of
 # the main pass's (then 32) took peak RSS from 560 to 475 MB on 2,048 abstracts at no measurable cost in
@@ -41,7 +47,7 @@ class Backend:
     labels: list[str]
     max_length: int
     pad_id: int
-    batch_size: int
+    batch_size: int | None  # papers per batch; None: _BATCH_TOKENS' worth
     reduced: str | None
     # Logit units: reduced precision moves a logit by a roughly constant amount wherever it lies, while
     # the same move in probability shrinks towards 0 and 1 (a probability margin rechecks needlessly
@@ -63,7 +69,7 @@ class Backend:
         """(row indices, input_ids, attention_mask) for `texts`: one tokenizer call, then batches of
         similar length (`batch_size`, by default the backend's), longest first so the largest shape (and
         peak memory) comes in the first step."""
-        batch_size = batch_size or self.batch_size
+        batch_size = batch_size or self.pass_batch_size()
         ids = self.encode(texts)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
@@ -111,8 +117,11 @@ class Backend:
         allocates them again. A backend whose engine keeps them releases them first."""
         trim_heap()
 
+    def pass_batch_size(self) -> int:
+        return self.batch_size or max(1, _BATCH_TOKENS // self.max_length)
+
     def recheck_batch_size(self) -> int:
-        return min(self.batch_size, max(1, _RECHECK_TOKENS // self.max_length))
+        return min(self.pass_batch_size(), max(1, _RECHECK_TOKENS // self.max_length))
 
     def describe(self) -> str:
         raise NotImplementedError

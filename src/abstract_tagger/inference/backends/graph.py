@@ -40,7 +40,7 @@ class GraphBackend(Backend):
     engine: str
 
     def __init__(
-        self, path: Path, *, precision: str = "auto", batch_size: int = 64,
+        self, path: Path, *, precision: str = "auto", batch_size: int | None = None,
         recheck_margin: float | Mapping[str, float] | None = None, num_threads: int | None = None,
     ):
         self._check_precision(precision)

@@ -30,7 +30,7 @@ class TorchBackend(Backend):
     engine = "torch"
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer, *, precision: str = "auto", batch_size: int = 64,
+        self, model: torch.nn.Module, tokenizer, *, precision: str = "auto", batch_size: int | None = None,
         recheck_margin: float | Mapping[str, float] | None = None,
     ):
         self.model = model.eval()
