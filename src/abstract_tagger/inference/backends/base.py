@@ -4,7 +4,7 @@ inference.options; a backend module (torch_backend, graph) imports this one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,9 @@ def logit(p: np.ndarray | float) -> np.ndarray:
 
 
 class Backend:
-    """Texts -> probabilities (n, tags). A subclass tokenizes (`encode`) and runs a batch (`logits`),
-    with `exact=False` in its fast reduced precision (`reduced` names it; None when it has none)."""
+    """Texts -> probabilities (n, tags). A subclass tokenizes (`encode`) and runs a batch (`logits`; or
+    overrides `run`, which runs them all), with `exact=False` in its fast reduced precision (`reduced`
+    names it; None when it has none)."""
 
     engine: str
     labels: list[str]
@@ -83,10 +84,17 @@ class Backend:
                 mask[r, :lengths[i]] = 1
             yield rows, input_ids, mask
 
+    def run(self, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], exact: bool
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row indices, logits) for each of `batches`, one after another through `logits`; an engine
+        that runs several batches at once overrides it."""
+        for rows, input_ids, mask in batches:
+            yield rows, self.logits(input_ids, mask, exact)
+
     def forward(self, texts: Sequence[str], exact: bool, batch_size: int | None = None) -> np.ndarray:
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        for rows, input_ids, mask in self.batches(texts, batch_size):
-            out[rows] = self.logits(input_ids, mask, exact)
+        for rows, logits in self.run(self.batches(texts, batch_size), exact):
+            out[rows] = logits
         return out
 
     def probabilities(self, texts: Sequence[str], cut: np.ndarray | float) -> np.ndarray:

@@ -35,7 +35,8 @@ def _token_id(tokenizer: Tokenizer, token: str | Mapping | None) -> int:
 class GraphBackend(Backend):
     """A checkpoint's ONNX graphs on the CPU. A subclass names its engine (its precisions are
     `options.BACKEND_PRECISIONS[engine]`) and loads a graph (`_load`: the runnable graph and the weights
-    digest it was made from) and runs one (`_run`)."""
+    digest it was made from) and runs batches (`Backend.logits` or `Backend.run`) through `fast` or
+    `exact`."""
 
     engine: str
 
@@ -78,11 +79,9 @@ class GraphBackend(Backend):
             raise ValueError(f"precision=bf16 for backend={cls.engine} needs a CPU with bf16 instructions "
                              "(AMX or AVX512-BF16); use precision=auto")
 
-    def _load(self, name: str, bf16: bool) -> tuple[Any, str | None]:
-        """`bf16`: run the graph's float matmuls in bf16 (only engines whose precisions hold bf16)."""
-        raise NotImplementedError
-
-    def _run(self, graph: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def _load(self, name: str, bf16: bool, main: bool) -> tuple[Any, str | None]:
+        """`bf16`: run the graph's float matmuls in bf16 (only engines whose precisions hold bf16). `main`:
+        the graph scores every paper (not the recheck's fp32 graph beside a reduced one)."""
         raise NotImplementedError
 
     def _release(self, graph: Any) -> None:
@@ -95,7 +94,7 @@ class GraphBackend(Backend):
 
     def _graph(self, name: str, reduced: str | None = None) -> Any:
         try:
-            graph, made_from = self._load(name, bf16=reduced == "bf16")
+            graph, made_from = self._load(name, bf16=reduced == "bf16", main=reduced == self.reduced)
         except Exception as e:  # the engines' errors derive from Exception only
             raise CheckpointError(f"{self.path}: cannot load {name}: {type(e).__name__}: {_first_line(e)}") from e
         # Graphs exported before the digest was recorded carry none and cannot be checked.
@@ -113,9 +112,6 @@ class GraphBackend(Backend):
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, exact: bool) -> np.ndarray:
-        return self._run(self.exact if exact else self.fast, input_ids, attention_mask)
 
     def release_memory(self, exact: bool) -> None:
         """After a recheck the fp32 graph goes whole, its weights (~85 MB in fp32) and buffers: the next

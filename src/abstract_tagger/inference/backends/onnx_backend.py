@@ -23,7 +23,7 @@ class OnnxBackend(GraphBackend):
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         super().__init__(path, **options)
 
-    def _load(self, name: str, bf16: bool) -> tuple[ort.InferenceSession, str | None]:
+    def _load(self, name: str, bf16: bool, main: bool) -> tuple[ort.InferenceSession, str | None]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.num_threads
         options.inter_op_num_threads = 1
@@ -31,8 +31,9 @@ class OnnxBackend(GraphBackend):
         session = ort.InferenceSession(str(self.path / name), options, providers=["CPUExecutionProvider"])
         return session, session.get_modelmeta().custom_metadata_map.get(WEIGHTS_DIGEST_KEY)
 
-    def _run(self, graph: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return graph.run(None, {"input_ids": input_ids, "attention_mask": attention_mask}, self.run_options)[0]
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, exact: bool) -> np.ndarray:
+        return (self.exact if exact else self.fast).run(
+            None, {"input_ids": input_ids, "attention_mask": attention_mask}, self.run_options)[0]
 
     def _width(self, graph: Any) -> int | None:
         width = graph.get_outputs()[0].shape[-1]
