@@ -18,6 +18,8 @@ def _own_cache(tmp_path_factory):
     embeddings depend slightly on the batch a text was embedded in, so vectors a test left in the
     checkout's .cache once made the next `make train` differ from a fresh clone's."""
     os.environ["ABSTRACT_TAGGER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # The user's cache too (OpenVINO's compiled graphs, the verified-weights memos of temporary checkpoints).
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
 
 
 @pytest.fixture(scope="session")

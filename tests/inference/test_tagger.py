@@ -228,6 +228,32 @@ def test_the_recheck_graph_is_held_only_while_it_runs(tiny_onnx_checkpoint, engi
     assert released == [True, True]
 
 
+def test_openvino_keeps_the_recheck_graph_where_it_has_no_compile_cache(tiny_onnx_checkpoint, monkeypatch):
+    """Without the cache every reload would be a compile (~0.7 s a chunk on the published MiniLM)."""
+    from abstract_tagger.inference.backends import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "cache_dir", lambda hint: None)
+    tagger = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="int8", recheck_margin=100.0)
+    tagger.scores([f"{t}. {a}" for (t, a), _ in TRAIN])
+    assert "exact" in vars(tagger.backend)
+
+
+def test_openvino_waits_for_its_batches_when_the_input_fails(tiny_onnx_checkpoint):
+    """An error or an interrupt while batches are queued leaves no request running, and the graph
+    scores as before afterwards."""
+    backend = Tagger.from_pretrained(tiny_onnx_checkpoint, backend="openvino", precision="fp32", batch_size=1).backend
+    texts = [f"{t}. {a}" for (t, a), _ in TRAIN]
+    reference = backend.forward(texts, exact=True)
+
+    def interrupted():
+        yield from list(backend.batches(texts))[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        backend.run(interrupted(), exact=True)
+    np.testing.assert_allclose(backend.forward(texts, exact=True), reference, atol=1e-6)
+
+
 def _nan_in_place(weights: Path, tensor: str) -> None:
     """NaN over `tensor`'s bytes, written into the file itself: same inode, size and modification time."""
     header_size = int.from_bytes(weights.read_bytes()[:8], "little")
@@ -253,10 +279,16 @@ def test_weights_checked_once_are_checked_again_after_any_write(tiny_onnx_checkp
     for _ in range(2):
         Tagger.from_pretrained(path, backend=engine, precision="fp32")
     assert len(checked) == 1
+    # A memo whose digest is not one, or written under another version of the check, is not trusted.
+    (memo,) = (tmp_path / "cache/abstract-tagger/verified-weights").iterdir()
+    for damage in ({"sha256": "not a digest"}, {"check": "older"}):
+        memo.write_text(json.dumps({**json.loads(memo.read_text()), **damage}))
+        Tagger.from_pretrained(path, backend=engine, precision="fp32")
+    assert len(checked) == 3
     _nan_in_place(path / "model.safetensors", "classifier.weight")
     with pytest.raises(CheckpointError, match=r"non-finite \(NaN/inf\) weights in classifier.weight"):
         Tagger.from_pretrained(path, backend=engine, precision="fp32")
-    assert len(checked) == 2
+    assert len(checked) == 4
 
 
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])

@@ -11,9 +11,11 @@ from functools import cache
 def _malloc_trim():
     """glibc's malloc_trim, or None (another C library, or none found)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def trim_heap() -> None:

@@ -87,7 +87,7 @@ class Backend:
     def run(self, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], exact: bool
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(row indices, logits) for each of `batches`, one after another through `logits`; an engine
-        that runs several batches at once overrides it."""
+        that runs several batches at once overrides it (and may give them in another order)."""
         for rows, input_ids, mask in batches:
             yield rows, self.logits(input_ids, mask, exact)
 
