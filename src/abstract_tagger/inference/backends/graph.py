@@ -192,25 +192,24 @@ def verified_weights(path: Path) -> str:
     time, which no tool sets back). A later start with the same state reads a few bytes instead."""
     try:
         st = path.stat()
+        state = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        folder = user_cache("verified-weights")
     except OSError:
-        st = None  # check_weights names the problem
-    state = None if st is None else [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    folder = user_cache("verified-weights")
-    memo = None if folder is None or state is None else \
-        folder / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
-    if memo is not None and memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            known = None
-        if isinstance(known, dict) and known.get("state") == state and known.get("check") == _WEIGHTS_CHECK \
-                and re.fullmatch(r"[0-9a-f]{64}", str(known.get("sha256"))):
-            return known["sha256"]
+        state = folder = None  # check_weights names the problem
+    where = str(path.resolve())
+    memo = folder / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json" if folder else None
+    try:
+        known = json.loads(memo.read_text()) if memo else None
+    except (OSError, ValueError):  # none yet, or unreadable: checked again below
+        known = None
+    if isinstance(known, dict) and known.get("state") == state and known.get("check") == _WEIGHTS_CHECK \
+            and re.fullmatch(r"[0-9a-f]{64}", str(known.get("sha256"))):
+        return known["sha256"]
     check_weights(path)
     digest = file_digest(path)
     if memo is not None:
         try:
-            write_json(memo, {"path": str(path.resolve()), "state": state, "check": _WEIGHTS_CHECK, "sha256": digest})
+            write_json(memo, {"path": where, "state": state, "check": _WEIGHTS_CHECK, "sha256": digest})
         except OSError:
             pass  # a read-only or full cache: the next start checks again
     return digest
