@@ -95,7 +95,9 @@ BACKEND_LOADERS = {"openvino": _openvino, "onnx": _onnx, "torch": _torch}
 
 
 class Tagger:
-    """An exported checkpoint ready to tag: `Tagger.from_pretrained(dir).predict(texts)`."""
+    """An exported checkpoint ready to tag: `Tagger.from_pretrained(dir).predict(texts)`. One call at a
+    time: its graph backends load and drop graphs between passes (threads would each want their own
+    Tagger, or processes: predict.py's shards)."""
 
     def __init__(self, backend: Backend, thresholds: Mapping[str, float], blend: RuleBlend | None = None):
         self.backend = backend

@@ -86,8 +86,8 @@ class GraphBackend(Backend):
     def _drops_after_pass(self, exact: bool) -> bool:
         """Whether the exact or the fast graph goes whole after its pass, to be loaded again when next
         needed. ONNX Runtime drops the fp32 graph only (a load takes ~0.09 s): dropping its int8 graph
-        too left peak RSS level (361 against 347 MB on 2,048 abstracts at 256 tokens, AMD EPYC), its
-        arena shrinking after every run already."""
+        too raised peak RSS a little (361 against 347 MB kept, 2,048 abstracts at 256 tokens, AMD
+        EPYC), its arena shrinking after every run already."""
         return exact
 
     def _release(self, graph: Any) -> None:
@@ -102,7 +102,7 @@ class GraphBackend(Backend):
         try:
             graph, made_from = self._load(name, bf16=reduced == "bf16", main=reduced == self.reduced)
         except Exception as e:  # the engines' errors derive from Exception only
-            raise CheckpointError(f"{self.path}: cannot load {name}: {type(e).__name__}: {_first_line(e)}") from e
+            raise CheckpointError(f"{self.path}: cannot load {name}: {type(e).__name__}: {_reason(e)}") from e
         # Graphs exported before the digest was recorded carry none and cannot be checked.
         if made_from is not None and made_from != self.weights_digest:
             raise CheckpointError(
@@ -161,16 +161,21 @@ class GraphBackend(Backend):
         except CheckpointError:
             raise
         except Exception as e:  # the tokenizers and engines' errors derive from Exception only
-            raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {_first_line(e)}") from e
-        width = backend._width(backend.fast)  # loads it: a graph that cannot load fails here, not at a first batch
+            raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {_reason(e)}") from e
+        width = backend._width(backend.fast)  # loads the fast graph: one that cannot load fails here
         if width is not None and width != len(backend.labels):
             raise CheckpointError(f"{path}: the ONNX graph gives {width} scores, config.json has "
                                   f"{len(backend.labels)} labels")
         return backend
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
+def _reason(e: BaseException) -> str:
+    """The engine's message on one line. OpenVINO's opens with the C++ frames it passed through
+    ("Exception from src/inference/src/cpp/core.cpp:84:", "Check '...' failed at ...") and gives the
+    reason last ("Model can't be parsed"): those frames are left out."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    reason = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return " ".join(reason or lines[:1])
 
 
 def check_weights(path: Path) -> None:
@@ -182,7 +187,7 @@ def check_weights(path: Path) -> None:
             diverged = [k for k in f.keys() if f.get_slice(k).get_dtype() in ("F16", "F32", "F64")
                         and not np.isfinite(f.get_tensor(k)).all()]
     except (OSError, ValueError, TypeError, SafetensorError) as e:
-        raise CheckpointError(f"{path.parent}: cannot load: {type(e).__name__}: {_first_line(e)}") from e
+        raise CheckpointError(f"{path.parent}: cannot load: {type(e).__name__}: {_reason(e)}") from e
     if diverged:
         raise CheckpointError(f"{path.parent}: non-finite (NaN/inf) weights in {', '.join(diverged[:3])}: "
                               "the training run that exported it diverged")
