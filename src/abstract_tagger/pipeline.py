@@ -29,7 +29,7 @@ from abstract_tagger.checkpoint.card import FACTS_FILE, CardFacts, model_card
 from abstract_tagger.checkpoint.export import export_checkpoint
 from abstract_tagger.common.config import require
 from abstract_tagger.common.files import write_atomic, write_json
-from abstract_tagger.data.corpus import Paper, read_gold, read_gold_sets
+from abstract_tagger.data.corpus import Paper, read_gold_sets, read_gold_train
 from abstract_tagger.data.taxonomy import Taxonomy
 from abstract_tagger.labeling.rule_blend import RuleBlend
 from abstract_tagger.labeling.weak_labels import WeakLabels, build_weak_labels
@@ -179,7 +179,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     weak = build_weak_labels(cfg)  # every rank: they share the voting
     if weak.tag_ids != tag_ids:
         raise ValueError(f"weak labels are over {weak.tag_ids}, the taxonomy over {tag_ids}")
-    gold_train = read_gold(cfg.data.gold_train, tag_ids) if cfg.data.gold_train else None
+    gold_train = read_gold_train(cfg.data.gold_train, tag_ids)
     with accelerator.main_process_first():  # built once into the cache; the other ranks read it
         data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), gold_train, tag_ids,
                              backbone.tokenizer, cfg.model.max_length)

@@ -40,6 +40,8 @@ def papers(root):
 
 
 def data_of(cfg, tmp_path, papers, weak, sets, hand, taxonomy):
+    """`hand`: one GoldSet, a list of them (the sets of data.gold_train), or None."""
+    hand = [hand] if isinstance(hand, GoldSet) else (hand or [])
     return training_data(cfg, weak_labels_on_disk(tmp_path / "weak", papers, weak, taxonomy.ids), sets, hand,
                          taxonomy.ids, minilm_tokenizer(), 64)
 
@@ -56,7 +58,7 @@ def test_the_blend_reuses_the_votes_the_weak_labels_stored(root, papers, taxonom
     weak = np.random.default_rng(0).random((40, len(taxonomy))).astype(np.float32)
     sets = {"dev": {"a": gold_set(papers, {i: ["nlp"] if i % 2 else [] for i in range(10)})}}
     data = training_data(cfg, weak_labels_on_disk(tmp_path / "weak", papers, weak, taxonomy.ids, functions=rules),
-                         sets, None, taxonomy.ids, minilm_tokenizer(), 64)
+                         sets, [], taxonomy.ids, minilm_tokenizer(), 64)
     pool = data.held_out + list(papers[10:20])
     probs = np.random.default_rng(1).random((len(pool), len(taxonomy))).astype(np.float32)
     voted = []
@@ -99,6 +101,33 @@ def test_gold_papers_are_held_out_and_hand_labels_override_weak_targets(root, pa
         data_of(cfg, tmp_path, papers, weak, sets, gold_set(papers, {1: ["nlp"]}), taxonomy)
     with pytest.raises(ValueError, match="data.gold.dev"):
         data_of(cfg, tmp_path, papers, weak, {"test": sets["test"]}, None, taxonomy)
+
+
+def test_clean_training_sets_are_named_files_trained_on_together(root, papers, taxonomy, tmp_path):
+    """data.gold_train: one file, or {name: file or null}. Every named set's papers train on their hand
+    labels; a paper in two sets is an error naming the second file's line."""
+    from abstract_tagger.data.corpus import read_gold_train
+
+    def gold_file(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": papers[r].id, "title": papers[r].title, "tags": tags}) + "\n"
+                                for r, tags in rows.items()))
+        return str(path)
+
+    recent, older = gold_file("recent.jsonl", {5: ["nlp"]}), gold_file("older.jsonl", {7: ["speech-audio"], 9: []})
+    cfg = make_cfg(root, f"paths.cache_dir={tmp_path / 'cache'}")
+    weak = np.full((40, len(taxonomy)), 0.3, dtype=np.float32)
+    sets = {"dev": {"a": gold_set(papers, {0: ["nlp"]})}}
+    hand = read_gold_train({"recent": recent, "older": older, "dropped": None}, taxonomy.ids)
+    data = data_of(cfg, tmp_path, papers, weak, sets, hand, taxonomy)
+    targets, ids = np.array(data.train["labels"]), data.train["id"]
+    assert data.n_hand == 3 and sorted(np.flatnonzero(data.train["hand"])) == sorted(
+        ids.index(papers[r].id) for r in (5, 7, 9))
+    assert targets[ids.index(papers[7].id)].tolist() == [float(t == "speech-audio") for t in taxonomy.ids]
+    assert [g.path for g in read_gold_train(older, taxonomy.ids)] == [older] and read_gold_train(None, taxonomy.ids) == []
+    again = gold_file("again.jsonl", {8: ["nlp"], 5: ["nlp"]})
+    with pytest.raises(CorpusError, match=r"again.jsonl:2: .*also in gold set train/recent"):
+        read_gold_train({"recent": recent, "again": again}, taxonomy.ids)
 
 
 def test_max_train_papers_keeps_a_seeded_sample_and_every_hand_label(root, papers, taxonomy, tmp_path):

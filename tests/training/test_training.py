@@ -145,6 +145,9 @@ def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
     ("+trainer.pos_weight={not-a-tag: 2.0}", "trainer.pos_weight"),
     ("data.gold.dev.seed=/no/such/gold.jsonl", "data.gold.dev.seed"),
     ("data.gold_train=/no/such/gold.jsonl", "data.gold_train"),
+    ("data.gold_train.recent=/no/such/gold.jsonl", "data.gold_train.recent"),
+    ("data.gold_train.recent=3", "data.gold_train"),
+    ("data.gold_train=3", "data.gold_train"),
     ("thresholds.policy=best", "thresholds.policy"),
     ("thresholds.folds=1", "thresholds.folds"),
     ("trainer.self_training.rounds=-1", "trainer.self_training.rounds"),
@@ -156,6 +159,7 @@ def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
     ("trainer.hand_weight=0", "trainer.hand_weight"),
     ("trainer.clean_phase.epochs=-1", "trainer.clean_phase.epochs"),
     (("trainer.clean_phase.epochs=2", "data.gold_train=null"), "trainer.clean_phase.epochs"),  # no hand labels
+    (("trainer.clean_phase.epochs=2", "data.gold_train.recent=null"), "trainer.clean_phase.epochs"),  # every set dropped
     ("trainer.clean_phase.lr=0", "trainer.clean_phase.lr"),
 ])
 def test_bad_config_values_name_the_key(root, taxonomy, override, key):

@@ -593,6 +593,22 @@ def read_gold(path: str | Path, known_tags: Iterable[str]) -> GoldSet:
     return GoldSet(source, tags_by_id, titles, lines)
 
 
+def gold_train_files(spec: str | Path | Mapping[str, str | None] | None) -> dict[str, str]:
+    """`data.gold_train` as {name: file}: one file (named `gold_train`), or {name: file or null}, where
+    null drops a set (`data.gold_train.older=null`) and `+data.gold_train.NAME=FILE` adds one."""
+    if not spec:
+        return {}
+    if isinstance(spec, (str, Path)):
+        return {"gold_train": str(spec)}
+    return {name: str(path) for name, path in spec.items() if path}
+
+
+def read_gold_train(spec: str | Path | Mapping[str, str | None] | None, known_tags: Iterable[str]) -> list[GoldSet]:
+    """The hand-labelled training sets of `data.gold_train`; a paper in two of them is an error naming the
+    second file's line (which labels would it train on?)."""
+    return list(read_gold_sets({"train": gold_train_files(spec)}, known_tags)["train"].values())
+
+
 def read_gold_sets(spec: Mapping[str, Mapping[str, str | None] | None],
                    known_tags: Iterable[str]) -> dict[str, dict[str, GoldSet]]:
     """`data.gold` ({split: {name: path or null}}) read: {split: {name: GoldSet}}, null sets dropped.

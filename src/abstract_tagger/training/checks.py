@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from abstract_tagger.common.config import is_number, positive_at, require
+from abstract_tagger.data.corpus import gold_train_files
 from abstract_tagger.labeling.checks import validate_label
 from abstract_tagger.training.thresholds import POLICIES
 
@@ -17,6 +18,7 @@ EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     """Raise ConfigError for the first value that cannot work."""
+    _check_gold_train(cfg.data.gold_train)  # first: the clean-phase check reads it
     t = cfg.trainer
     positive_at(cfg, "trainer.lr")
     positive_at(cfg, "trainer.head_lr", allow_none=True)
@@ -34,7 +36,7 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     cp = t.clean_phase
     require(is_number(cp.epochs, integer=True) and cp.epochs >= 0, "trainer.clean_phase.epochs",
             "must be an integer >= 0", cp.epochs)
-    require(not cp.epochs or cfg.data.gold_train, "trainer.clean_phase.epochs",
+    require(not cp.epochs or gold_train_files(cfg.data.gold_train), "trainer.clean_phase.epochs",
              "a clean phase trains on hand labels: set data.gold_train", cp.epochs)
     positive_at(cfg, "trainer.clean_phase.lr")
     positive_at(cfg, "trainer.clean_phase.head_lr", allow_none=True)
@@ -70,5 +72,12 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
     require(isinstance(cfg.export.review_size, int) and cfg.export.review_size >= 0, "export.review_size",
              "must be an integer >= 0", cfg.export.review_size)
     validate_label(cfg)
-    require(not cfg.data.gold_train or Path(cfg.data.gold_train).is_file(), "data.gold_train", "file not found",
-             cfg.data.gold_train)
+
+
+def _check_gold_train(gold_train) -> None:
+    require(gold_train is None or isinstance(gold_train, str) or (
+        isinstance(gold_train, DictConfig) and all(v is None or isinstance(v, str) for v in gold_train.values())),
+        "data.gold_train", "must be a file, null, or {name: file or null}", gold_train)
+    for name, path in gold_train_files(gold_train).items():
+        key = "data.gold_train" if isinstance(gold_train, str) else f"data.gold_train.{name}"
+        require(Path(path).is_file(), key, "file not found", path)

@@ -128,15 +128,15 @@ def _training_rows(selection: Mapping[str, Any], tokenizer, max_length: int) -> 
 
 
 def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Mapping[str, GoldSet]],
-                  gold_train: GoldSet | None, tag_ids: list[str], tokenizer, max_length: int) -> TrainingData:
+                  gold_train: Sequence[GoldSet], tag_ids: list[str], tokenizer, max_length: int) -> TrainingData:
     """Hold out every gold paper, stream the rest, tokenised, into the training dataset (the main process
     builds it; other ranks load the same cache files: call under `main_process_first`)."""
     held_ids = {pid for named in gold_sets.values() for gold in named.values() for pid in gold.tags}
     hand: dict[str, list[int]] = {}
-    if gold_train is not None:
-        for pid, row in zip(gold_train.tags, gold_train.labels(tag_ids).tolist()):
+    for gold in gold_train:
+        for pid, row in zip(gold.tags, gold.labels(tag_ids).tolist()):
             if pid in held_ids:
-                raise CorpusError(gold_train.path, gold_train.lines[pid], f"{pid}: is in a dev or test gold set; "
+                raise CorpusError(gold.path, gold.lines[pid], f"{pid}: is in a dev or test gold set; "
                                   "hand labels of held-out papers cannot be training targets")
             hand[pid] = row
 
@@ -154,8 +154,8 @@ def training_data(cfg: DictConfig, weak: WeakLabels, gold_sets: Mapping[str, Map
             elif paper.id in hand:
                 hand_papers.append(paper)
     split = split_gold(held_out, gold_sets, tag_ids)  # a gold paper missing from the corpus stops here
-    if gold_train is not None:
-        gold_train.rows(hand_papers)  # so does a hand-labelled one, or a title that does not match
+    for gold in gold_train:
+        gold.rows(hand_papers)  # so does a hand-labelled one, or a title that does not match
 
     n_train = weak.n_papers - len(held_out)
     limit = cfg.data.max_train_papers
