@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,10 +62,12 @@ def exclusive(path: str | Path, setting: str = "output") -> Iterator[None]:
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """`write(file)` under a temporary name, then renamed to `path`: a kill or a full disk never leaves
     half a file there, and a reader sees the previous whole file or the new one (caches that a killed
-    run resumes from, results rewritten in a reused run directory)."""
-    tmp = path.with_name(f".{path.name}.partial")
+    run resumes from, results rewritten in a reused run directory). Each writer has its own temporary
+    name (created exclusively, mode by umask as a plain open gives): two processes filling one user cache
+    entry at once would otherwise write into the same file, and one rename would publish the mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,12 @@ def cache_dir(hint: str) -> Path | None:
     return user_cache("openvino", hint)
 
 
+def precision_hint(bf16: bool) -> str:
+    # f32 stated for the exact graph: on CPUs with AMX OpenVINO would otherwise run the fp32 ops in bf16,
+    # and the fp32 graph would no longer give torch fp32's scores.
+    return "bf16" if bf16 else "f32"
+
+
 @cache
 def _core() -> ov.Core:
     return ov.Core()
@@ -41,9 +47,7 @@ class OpenVinoBackend(GraphBackend):
         model = _core().read_model(str(self.path / name))
         key = ["framework", WEIGHTS_DIGEST_KEY]
         made_from = str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else None
-        # f32 stated for the exact graph: on CPUs with AMX OpenVINO would otherwise run the fp32 ops in
-        # bf16, and the fp32 graph would no longer give torch fp32's scores.
-        hint = "bf16" if bf16 else "f32"
+        hint = precision_hint(bf16)
         # The main pass runs a batch per stream (OpenVINO picks the streams: 2 on 2 cores, a thread each),
         # which ran 7% faster whole process than one batch at a time on both threads (5,000 abstracts at
         # 256 tokens, AMX Xeon). The recheck's few batches run one at a time: a stream each would hold
@@ -79,7 +83,7 @@ class OpenVinoBackend(GraphBackend):
         # Both graphs: a load from the compile cache takes ~0.1 s, and dropping the fast graph during the
         # recheck took peak RSS from 494 to 425 MB (int8) and 447 to 386 MB (bf16) at the same speed
         # (2,048 abstracts at 256 tokens, AMD EPYC). Without a cache a compile takes ~0.7 s a chunk.
-        return cache_dir("bf16" if self.reduced == "bf16" and not exact else "f32") is not None
+        return cache_dir(precision_hint(self.reduced == "bf16" and not exact)) is not None
 
     def _release(self, graph: Any) -> None:
         # A compiled graph keeps the buffers of its largest batch until told otherwise (~105 MB for the
