@@ -131,6 +131,36 @@ def test_resume_after_kill_gives_the_output_of_one_run(tagger, tmp_path, monkeyp
     assert not files.partial.exists() and not files.journal.exists()
 
 
+def test_a_failure_keeps_the_whole_chunks_for_resume_and_bad_input_does_not(tagger, tmp_path, monkeypatch):
+    """A full disk or a lost graph file half way through a long run (not the input's fault) keeps the
+    chunks written so far, as a kill does; a bad record under on_error=raise leaves nothing."""
+    src = write_jsonl(tmp_path / "in.jsonl", records(10))
+    run(tagger, src, tmp_path / "once.jsonl", chunk_size=4)
+    real_scores, calls = tagger.scores, []
+
+    def disk_full_on_third_chunk(texts, **kwargs):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_scores(texts, **kwargs)
+
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(tagger, "scores", disk_full_on_third_chunk)
+    with pytest.raises(OSError, match="No space"):
+        run(tagger, src, out, chunk_size=4)
+    files = OutputFiles(out)
+    assert not out.exists() and len(read_rows(files.partial)) == 8 and files.journal.exists()
+    calls.clear()
+    assert run(tagger, src, out, chunk_size=4, resume=True).summary() == "read 10 = tagged 10 + rejected 0"
+    assert calls == [2] and out.read_bytes() == (tmp_path / "once.jsonl").read_bytes()
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", records(5) + [{"id": "x"}])
+    with pytest.raises(CorpusError, match=r"bad.jsonl:6:"):
+        run(tagger, bad, tmp_path / "bad_out.jsonl", chunk_size=4, on_error="raise")
+    left = OutputFiles(tmp_path / "bad_out.jsonl")
+    assert not any(p.exists() for p in (left.output, left.partial, left.rejects_partial, left.journal))
+
+
 def test_resume_with_different_settings_is_refused(tagger, tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "in.jsonl", records(6))
     monkeypatch.setattr(tagger, "scores", lambda texts, **kwargs: (_ for _ in ()).throw(Killed()))

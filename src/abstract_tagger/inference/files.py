@@ -336,10 +336,18 @@ def predict_file(tagger: Tagger, input: str | Path, output: str | Path, **option
         run = _OpenFiles(files, rows, job.settings(tagger, input, rows), job.resume)
         try:
             _tag_chunks(tagger, records, run, rows, job)
-        except Exception:
-            # A failure (unlike a kill) would fail again on resume: leave no partial files behind.
+        except CorpusError:
+            # Bad input stops here again on every run of this input, and a changed input is never
+            # resumed into (its digest is in the journal): the partial files serve nothing.
             run.close()
             files.remove_partials()
+            raise
+        except Exception:
+            # Anything else (a full disk, a graph file gone, memory) may not happen again: the whole
+            # chunks stay, as after a kill, for resume=true to continue from.
+            run.close()
+            log.error("%s: stopped with %d records read in whole chunks (%s); resume=true continues after them",
+                      files.output, run.stats.read, files.partial)
             raise
         finally:
             run.close()
