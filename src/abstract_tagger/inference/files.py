@@ -26,7 +26,9 @@ from omegaconf import DictConfig
 
 from abstract_tagger.checkpoint.format import MARKER_FILES
 from abstract_tagger.common.config import ConfigError, one_of, plain, require
+from abstract_tagger.common.cpu import physical_cores
 from abstract_tagger.common.files import exclusive, file_digest, lock_path, write_atomic
+from abstract_tagger.common.memory import limit_arenas
 from abstract_tagger.common.progress import progress_bar
 from abstract_tagger.data.corpus import FORMATS, CorpusError, Paper, Reject, batched, read_source
 from abstract_tagger.inference.options import (
@@ -422,6 +424,8 @@ def predict_from_config(cfg: Any) -> PredictStats:
     """The `predict.py` job; under `accelerate launch` each process tags every N-th chunk and the main
     process merges the parts in input order (torch backend: the processes meet through torch.distributed)."""
     validate_predict(cfg)
+    # Before any engine starts its threads: this process is predict.py's, so its allocator is ours to set.
+    limit_arenas(cfg.num_threads or physical_cores())
     backend = choose_backend(cfg.backend, cfg.checkpoint, precision=cfg.precision)
     if backend in GRAPH_BACKENDS and _launched_processes() > 1:
         if cfg.backend in GRAPH_BACKENDS:
