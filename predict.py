@@ -20,8 +20,12 @@ log = logging.getLogger("predict")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    from abstract_tagger.common.cpu import physical_cores
+    from abstract_tagger.common.memory import limit_arenas
     from abstract_tagger.inference.files import predict_from_config
 
+    # Before an engine starts its threads, in the process predict.py owns (README, Memory).
+    limit_arenas(physical_cores())
     with exit_on_error(log):
         predict_from_config(cfg)
 

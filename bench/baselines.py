@@ -55,7 +55,7 @@ def main() -> None:
     weak = build_weak_labels(cfg)
     tag_ids = weak.tag_ids
     backbone = load_model(cfg, tag_ids)  # its tokenizer: the training data is stored tokenised
-    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), None, tag_ids, backbone.tokenizer,
+    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), [], tag_ids, backbone.tokenizer,
                          cfg.model.max_length)
     split, weak_probs = data.split, data.held_out_weak
     train = list(data.train_papers(len(data.train)))

@@ -1,8 +1,9 @@
 """Draw papers to label by hand from a corpus file, stratified by primary arXiv category.
 
-The file is read by the project's own corpus readers (format guessed from its name, or `--format`),
-so the drawn ids are the ids training gives those papers (`--id-prefix` as the data config's source
-name where the file has no ids). Stratified by primary arXiv category, proportional allocation:
+The file is read as training reads a corpus source (format guessed from its name, or `--format`;
+titles de-duplicated, `--max-chars` as `data.max_chars`), so the drawn ids are the ids training gives
+those papers (`--id-prefix` as the data config's source name where the file has no ids). A paper
+that another source of the corpus also holds is still dropped there as a duplicate: training names it. Stratified by primary arXiv category, proportional allocation:
 every category with at least 1% of the papers is its own stratum, the rest share one (a file without
 categories is one stratum). Seeded, so each draw is reproducible. The recent gold sets (drawn once,
 before any labelling function changed):
@@ -33,7 +34,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from abstract_tagger.data.corpus import Reject, read_source
+from abstract_tagger.data.corpus import CorpusError, read_corpus
 
 
 def splits(text: str) -> list[tuple[str, int]]:
@@ -51,18 +52,16 @@ def main() -> None:
     ap.add_argument("--format", help="the corpus reader (seed, jsonl, arxiv, csv); default: from the name")
     ap.add_argument("--id-prefix", help="ids of papers without one: PREFIX-LINE, as the data config's source name")
     ap.add_argument("--fields", nargs="*", default=[], metavar="KEY=COLUMN", help="the source's `fields`")
+    ap.add_argument("--max-chars", type=int, default=20000, help="as data.max_chars")
     args = ap.parse_args()
 
-    options = {"id_prefix": args.id_prefix} if args.id_prefix else {}
-    if args.fields:
-        options["fields"] = dict(f.split("=", 1) for f in args.fields)
+    source = {"path": str(args.corpus), "format": args.format, "id_prefix": args.id_prefix,
+              "fields": dict(f.split("=", 1) for f in args.fields) or None}
     excluded = {json.loads(line)["id"] for path in args.exclude for line in path.open(encoding="utf-8") if line.strip()}
-    papers = []
-    for item in read_source(args.corpus, args.format, **options):
-        if isinstance(item, Reject):
-            sys.exit(f"{item}")  # a draw from a file the corpus would not read whole is not reproducible
-        if item.id not in excluded:
-            papers.append(item)
+    try:  # a draw from a file the corpus would not read whole is not reproducible: a bad record stops it
+        papers = [p for p in read_corpus({args.corpus.stem: source}, max_chars=args.max_chars) if p.id not in excluded]
+    except CorpusError as e:
+        sys.exit(str(e))
     by_primary = defaultdict(list)
     for p in papers:
         by_primary[p.categories[0] if p.categories else ""].append(p)

@@ -43,3 +43,21 @@ def test_the_file_gets_the_mode_a_plain_open_gives(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x").stat().st_mode) == 0o644
+
+
+def test_a_killed_writers_temporary_goes_with_the_next_write(tmp_path):
+    """A kill leaves the writer's temporary behind; the next successful write of that path removes the
+    ones whose process is gone, and never a live writer's."""
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "entry.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stem = f".{path.name}.{socket.gethostname()}."
+    dead, live = tmp_path / f"{stem}{gone.stdout.strip()}.00000000.partial", tmp_path / f"{stem}{os.getpid()}.1.partial"
+    other = tmp_path / f".{path.name}.another-host.{gone.stdout.strip()}.2.partial"
+    for left in (dead, live, other):
+        left.write_bytes(b"half")
+    write_atomic(path, lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole" and not dead.exists() and live.exists() and other.exists()

@@ -31,7 +31,7 @@ CHILD = textwrap.dedent("""
 
 def heaps(mode, **env):
     run = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env)
+                         env={k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")} | env)
     answer, count = run.stdout.split()
     return answer, int(count)
 
@@ -42,3 +42,4 @@ def test_threads_share_the_capped_arenas_and_the_users_setting_wins():
     assert heaps("cap") == ("True", 1)
     answer, count = heaps("cap", MALLOC_ARENA_MAX="3")
     assert answer == "False" and count > 1
+    assert heaps("cap", GLIBC_TUNABLES="glibc.malloc.arena_max=4")[0] == "False"

@@ -12,7 +12,7 @@ from helpers import BACKENDS, TRAIN, Killed, records, write_jsonl
 
 from abstract_tagger import Tagger
 from abstract_tagger.common.config import ConfigError
-from abstract_tagger.data.corpus import CorpusError
+from abstract_tagger.data.corpus import CorpusError, CorpusReadError
 from abstract_tagger.inference.files import OutputFiles, merge_parts, predict_file, validate_predict
 
 EXPECTED = [tag for _, tag in TRAIN]
@@ -154,11 +154,46 @@ def test_a_failure_keeps_the_whole_chunks_for_resume_and_bad_input_does_not(tagg
     assert run(tagger, src, out, chunk_size=4, resume=True).summary() == "read 10 = tagged 10 + rejected 0"
     assert calls == [2] and out.read_bytes() == (tmp_path / "once.jsonl").read_bytes()
 
+    def left(name):
+        files = OutputFiles(tmp_path / name)
+        return [p.name for p in (files.output, files.partial, files.rejects_partial, files.journal) if p.exists()]
+
     bad = write_jsonl(tmp_path / "bad.jsonl", records(5) + [{"id": "x"}])
     with pytest.raises(CorpusError, match=r"bad.jsonl:6:"):
         run(tagger, bad, tmp_path / "bad_out.jsonl", chunk_size=4, on_error="raise")
-    left = OutputFiles(tmp_path / "bad_out.jsonl")
-    assert not any(p.exists() for p in (left.output, left.partial, left.rejects_partial, left.journal))
+    assert left("bad_out.jsonl") == []
+    def disk_full(texts, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tagger, "scores", disk_full)  # nothing whole to resume from: nothing left behind
+    with pytest.raises(OSError, match="No space"):
+        run(tagger, src, tmp_path / "first.jsonl", chunk_size=4)
+    assert left("first.jsonl") == []
+
+    from abstract_tagger.inference import files as files_module
+    real_read = files_module.read_source
+
+    def unreadable_after_six(*args, **kwargs):  # an I/O error on the input is no bad record
+        for i, item in enumerate(real_read(*args, **kwargs)):
+            if i == 6:
+                raise CorpusReadError(str(src), 7, "cannot read the file: [Errno 5] Input/output error")
+            yield item
+
+    monkeypatch.setattr(tagger, "scores", real_scores)
+    monkeypatch.setattr(files_module, "read_source", unreadable_after_six)
+    with pytest.raises(CorpusReadError):
+        run(tagger, src, tmp_path / "io.jsonl", chunk_size=4)
+    assert len(read_rows(OutputFiles(tmp_path / "io.jsonl").partial)) == 4
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_the_error_reported(tagger, tmp_path):
+    """The write that found the disk full is the error raised, not a second one from closing the files."""
+    out = tmp_path / "out.jsonl"
+    OutputFiles(out).partial.symlink_to("/dev/full")
+    with pytest.raises(OSError, match="No space") as failed:
+        run(tagger, write_jsonl(tmp_path / "in.jsonl", records(3)), out, chunk_size=1)
+    assert failed.value.__context__ is None and failed.traceback[-1].name == "commit"
 
 
 def test_resume_with_different_settings_is_refused(tagger, tmp_path, monkeypatch):

@@ -146,7 +146,7 @@ def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
     ("data.gold.dev.seed=/no/such/gold.jsonl", "data.gold.dev.seed"),
     ("data.gold_train=/no/such/gold.jsonl", "data.gold_train"),
     ("data.gold_train.recent=/no/such/gold.jsonl", "data.gold_train.recent"),
-    ("data.gold_train.recent=3", "data.gold_train"),
+    ("data.gold_train.recent=3", "data.gold_train.recent"),
     ("data.gold_train=3", "data.gold_train"),
     ("thresholds.policy=best", "thresholds.policy"),
     ("thresholds.folds=1", "thresholds.folds"),

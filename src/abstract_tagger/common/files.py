@@ -13,10 +13,12 @@ process dies, so a killed run never leaves a lock that blocks its resume.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,8 +66,10 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     half a file there, and a reader sees the previous whole file or the new one (caches that a killed
     run resumes from, results rewritten in a reused run directory). Each writer has its own temporary
     name (created exclusively, mode by umask as a plain open gives): two processes filling one user cache
-    entry at once would otherwise write into the same file, and one rename would publish the mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    entry at once would otherwise write into the same file, and one rename would publish the mix. The
+    temporaries of killed writers on this machine go once the next write of `path` succeeds."""
+    stem = f".{path.name}.{socket.gethostname()}."
+    tmp = path.with_name(f"{stem}{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
         with open(tmp, "xb") as f:
             write(f)
@@ -73,6 +77,20 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+    for left in path.parent.glob(f"{glob.escape(stem)}*.partial"):
+        pid = left.name[len(stem):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            left.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_json(path: Path, data: Any, **dumps: Any) -> None:

@@ -33,8 +33,9 @@ def limit_arenas(count: int) -> bool:
     """Let the threads this process starts from now on share at most `count` malloc arenas (glibc's
     default allows 8 a core); True where it was set. Each arena keeps its own freed blocks, so an
     engine whose worker threads each build batches in an arena of their own holds a fragmented peak in
-    every one of them (predict.py's peak RSS with OpenVINO: README, Memory). $MALLOC_ARENA_MAX, where
-    set, is the user's choice and wins."""
-    if os.environ.get("MALLOC_ARENA_MAX") or (mallopt := _glibc("mallopt")) is None:
+    every one of them (predict.py's peak RSS with OpenVINO: README, Memory). A cap the user set
+    ($MALLOC_ARENA_MAX, or arena_max in $GLIBC_TUNABLES) wins."""
+    user_set = os.environ.get("MALLOC_ARENA_MAX") or "arena_max" in os.environ.get("GLIBC_TUNABLES", "")
+    if user_set or (mallopt := _glibc("mallopt")) is None:
         return False
     return mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(count)) == 1

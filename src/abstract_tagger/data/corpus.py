@@ -87,6 +87,10 @@ class CorpusError(ValueError):
         self.source, self.line, self.reason = source, line, reason
 
 
+class CorpusReadError(CorpusError):
+    """The file could not be read at that line (a truncated `.gz`, an I/O error): not a bad record."""
+
+
 @dataclass
 class CorpusStats:
     read: int = 0
@@ -200,7 +204,7 @@ class _Lines:
                 self.next_line += piece[-1:] in ("\n", b"\n")
                 yield piece
         except _READ_ERRORS as e:
-            raise CorpusError(self.source, self.next_line, f"cannot read the file: {e}") from e
+            raise CorpusReadError(self.source, self.next_line, f"cannot read the file: {e}") from e
 
 
 def detect_format(path: str | Path) -> str:

@@ -26,11 +26,9 @@ from omegaconf import DictConfig
 
 from abstract_tagger.checkpoint.format import MARKER_FILES
 from abstract_tagger.common.config import ConfigError, one_of, plain, require
-from abstract_tagger.common.cpu import physical_cores
 from abstract_tagger.common.files import exclusive, file_digest, lock_path, write_atomic
-from abstract_tagger.common.memory import limit_arenas
 from abstract_tagger.common.progress import progress_bar
-from abstract_tagger.data.corpus import FORMATS, CorpusError, Paper, Reject, batched, read_source
+from abstract_tagger.data.corpus import FORMATS, CorpusError, CorpusReadError, Paper, Reject, batched, read_source
 from abstract_tagger.inference.options import (
     GRAPH_BACKENDS,
     PREDICT_OPTIONS,
@@ -250,9 +248,16 @@ class _OpenFiles:
         self.journal.write(json.dumps(entry) + "\n")
         self.journal.flush()
 
-    def close(self) -> None:
+    def close(self, raising: bool = True) -> None:
+        """Close all three (a second call does nothing); with raising=False a failed flush is not raised."""
+        errors = []
         for f in (self.out, self.rejects, self.journal):
-            f.close()
+            try:
+                f.close()
+            except OSError as e:
+                errors.append(e)
+        if errors and raising:
+            raise errors[0]
 
 
 @dataclass(frozen=True)
@@ -338,18 +343,17 @@ def predict_file(tagger: Tagger, input: str | Path, output: str | Path, **option
         run = _OpenFiles(files, rows, job.settings(tagger, input, rows), job.resume)
         try:
             _tag_chunks(tagger, records, run, rows, job)
-        except CorpusError:
-            # Bad input stops here again on every run of this input, and a changed input is never
-            # resumed into (its digest is in the journal): the partial files serve nothing.
-            run.close()
-            files.remove_partials()
-            raise
-        except Exception:
-            # Anything else (a full disk, a graph file gone, memory) may not happen again: the whole
-            # chunks stay, as after a kill, for resume=true to continue from.
-            run.close()
-            log.error("%s: stopped with %d records read in whole chunks (%s); resume=true continues after them",
-                      files.output, run.stats.read, files.partial)
+        except Exception as e:
+            run.close(raising=False)  # a full disk fails the flush again: the first error is the one to tell
+            if not run.stats.read or (isinstance(e, CorpusError) and not isinstance(e, CorpusReadError)):
+                # A bad record stops every run of this input at the same place, and a corrected input is
+                # never resumed into (its digest is in the journal): the partial files would serve nothing.
+                files.remove_partials()
+            else:
+                # Anything else (a full disk, an input the disk could not read, a graph file gone) may
+                # not happen again: the whole chunks stay, as after a kill, for resume=true.
+                log.error("%s: stopped with %d records read in whole chunks (%s); resume=true continues "
+                          "after them", files.output, run.stats.read, files.partial)
             raise
         finally:
             run.close()
@@ -424,8 +428,6 @@ def predict_from_config(cfg: Any) -> PredictStats:
     """The `predict.py` job; under `accelerate launch` each process tags every N-th chunk and the main
     process merges the parts in input order (torch backend: the processes meet through torch.distributed)."""
     validate_predict(cfg)
-    # Before any engine starts its threads: this process is predict.py's, so its allocator is ours to set.
-    limit_arenas(cfg.num_threads or physical_cores())
     backend = choose_backend(cfg.backend, cfg.checkpoint, precision=cfg.precision)
     if backend in GRAPH_BACKENDS and _launched_processes() > 1:
         if cfg.backend in GRAPH_BACKENDS:

@@ -75,9 +75,10 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
 
 
 def _check_gold_train(gold_train) -> None:
-    require(gold_train is None or isinstance(gold_train, str) or (
-        isinstance(gold_train, DictConfig) and all(v is None or isinstance(v, str) for v in gold_train.values())),
-        "data.gold_train", "must be a file, null, or {name: file or null}", gold_train)
+    require(gold_train is None or isinstance(gold_train, (str, DictConfig)), "data.gold_train",
+            "must be a file, null, or {name: file or null}", gold_train)
+    for name, path in (gold_train.items() if isinstance(gold_train, DictConfig) else ()):
+        require(path is None or isinstance(path, str), f"data.gold_train.{name}", "must be a file or null", path)
     for name, path in gold_train_files(gold_train).items():
         key = "data.gold_train" if isinstance(gold_train, str) else f"data.gold_train.{name}"
         require(Path(path).is_file(), key, "file not found", path)
