@@ -159,7 +159,8 @@ def test_hub_id_offline_fails_fast(root, taxonomy, monkeypatch):
     ("trainer.hand_weight=0", "trainer.hand_weight"),
     ("trainer.clean_phase.epochs=-1", "trainer.clean_phase.epochs"),
     (("trainer.clean_phase.epochs=2", "data.gold_train=null"), "trainer.clean_phase.epochs"),  # no hand labels
-    (("trainer.clean_phase.epochs=2", "data.gold_train.recent=null"), "trainer.clean_phase.epochs"),  # every set dropped
+    (("trainer.clean_phase.epochs=2", "data.gold_train.recent=null", "data.gold_train.seed=null", "data.gold_train.older=null"),
+     "trainer.clean_phase.epochs"),  # every set dropped
     ("trainer.clean_phase.lr=0", "trainer.clean_phase.lr"),
 ])
 def test_bad_config_values_name_the_key(root, taxonomy, override, key):
