@@ -162,6 +162,7 @@ def test_a_failure_keeps_the_whole_chunks_for_resume_and_bad_input_does_not(tagg
     with pytest.raises(CorpusError, match=r"bad.jsonl:6:"):
         run(tagger, bad, tmp_path / "bad_out.jsonl", chunk_size=4, on_error="raise")
     assert left("bad_out.jsonl") == []
+
     def disk_full(texts, **kwargs):
         raise OSError(28, "No space left on device")
 

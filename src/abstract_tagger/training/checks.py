@@ -77,8 +77,8 @@ def validate(cfg: DictConfig, tag_ids: list[str]) -> None:
 def _check_gold_train(gold_train) -> None:
     require(gold_train is None or isinstance(gold_train, (str, DictConfig)), "data.gold_train",
             "must be a file, null, or {name: file or null}", gold_train)
-    for name, path in (gold_train.items() if isinstance(gold_train, DictConfig) else ()):
-        require(path is None or isinstance(path, str), f"data.gold_train.{name}", "must be a file or null", path)
-    for name, path in gold_train_files(gold_train).items():
-        key = "data.gold_train" if isinstance(gold_train, str) else f"data.gold_train.{name}"
-        require(Path(path).is_file(), key, "file not found", path)
+    named = gold_train.items() if isinstance(gold_train, DictConfig) else [("", gold_train)]
+    for name, path in named:
+        key = f"data.gold_train.{name}" if name else "data.gold_train"
+        require(path is None or isinstance(path, str), key, "must be a file or null", path)
+        require(path is None or Path(path).is_file(), key, "file not found", path)
