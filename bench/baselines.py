@@ -1,10 +1,11 @@
-"""Scores of the weak labels, a TF-IDF + logistic-regression baseline trained on the same weak
-labels, and (with --run-dir) a trained model, side by side, on every gold set. Thresholds come from
-the same policy as train.py's, chosen on dev (k-fold there) and applied to test as is.
+"""Scores of the weak labels, a TF-IDF + logistic-regression baseline trained on the same targets
+as train.py (weak soft targets, hand labels for the papers of `data.gold_train`), and (with --run-dir)
+a trained model, side by side, on every gold set. Thresholds come from the same policy as train.py's,
+chosen on dev (k-fold there) and applied to test as is.
 
     python bench/baselines.py                                 # default corpus and labeling config
     python bench/baselines.py --run-dir outputs/main          # add the model row from metrics.json
-    python bench/baselines.py -- data=seed_only               # Hydra overrides after --
+    python bench/baselines.py -- data.gold_train=null         # weak labels only; Hydra overrides after --
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from scipy.sparse import vstack  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from abstract_tagger.data.corpus import read_gold_sets  # noqa: E402
+from abstract_tagger.data.corpus import read_gold_sets, read_gold_train  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
 from abstract_tagger.metrics import score  # noqa: E402
 from abstract_tagger.pipeline import load_model  # noqa: E402
@@ -55,8 +56,8 @@ def main() -> None:
     weak = build_weak_labels(cfg)
     tag_ids = weak.tag_ids
     backbone = load_model(cfg, tag_ids)  # its tokenizer: the training data is stored tokenised
-    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), [], tag_ids, backbone.tokenizer,
-                         cfg.model.max_length)
+    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids),
+                         read_gold_train(cfg.data.gold_train, tag_ids), tag_ids, backbone.tokenizer, cfg.model.max_length)
     split, weak_probs = data.split, data.held_out_weak
     train = list(data.train_papers(len(data.train)))
     baseline = tfidf_logreg([p.text for papers, _, _ in train for p in papers],
@@ -81,7 +82,7 @@ def main() -> None:
                 rows[name][f"{test} policy"] = (scores[test][kind]["micro_f1"], scores[test][kind]["macro_f1"])
 
     print(f"dev: {len(dev_rows)} papers, " + ", ".join(f"{n}: {len(r)}" for n, r in split.sets.items())
-          + f"; training: {len(data.train)} papers with weak soft targets\n")
+          + f"; training: {len(data.train)} papers ({data.n_hand} of them hand-labelled)\n")
     columns = list(next(iter(rows.values())))
     print("| predictions | " + " | ".join(f"{c} micro | {c} macro" for c in columns) + " |")
     print("|---|" + "---|---|" * len(columns))
