@@ -25,12 +25,10 @@ from scipy.sparse import vstack  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from abstract_tagger.data.corpus import read_gold_sets, read_gold_train  # noqa: E402
 from abstract_tagger.labeling.weak_labels import build_weak_labels  # noqa: E402
 from abstract_tagger.metrics import score  # noqa: E402
-from abstract_tagger.pipeline import load_model  # noqa: E402
+from abstract_tagger.pipeline import load_model, load_training_data  # noqa: E402
 from abstract_tagger.training import thresholds as thr  # noqa: E402
-from abstract_tagger.training.data import training_data  # noqa: E402
 from train_config import parse_with_config  # noqa: E402
 
 
@@ -56,8 +54,7 @@ def main() -> None:
     weak = build_weak_labels(cfg)
     tag_ids = weak.tag_ids
     backbone = load_model(cfg, tag_ids)  # its tokenizer: the training data is stored tokenised
-    data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids),
-                         read_gold_train(cfg.data.gold_train, tag_ids), tag_ids, backbone.tokenizer, cfg.model.max_length)
+    data = load_training_data(cfg, weak, tag_ids, backbone.tokenizer)
     split, weak_probs = data.split, data.held_out_weak
     train = list(data.train_papers(len(data.train)))
     baseline = tfidf_logreg([p.text for papers, _, _ in train for p in papers],

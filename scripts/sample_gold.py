@@ -5,8 +5,9 @@ titles de-duplicated, `--max-chars` as `data.max_chars`), so the drawn ids are t
 those papers (`--id-prefix` as the data config's source name where the file has no ids). A paper
 that another source of the corpus also holds is still dropped there as a duplicate: training names
 it. Stratified by primary arXiv category, proportional allocation: every category with at least 1%
-of the papers is its own stratum, the rest share one (a file without categories is one stratum). Seeded, so each draw is reproducible. The recent gold sets (drawn once,
-before any labelling function changed):
+of the papers is its own stratum, the rest share one (a file without categories is one stratum).
+Seeded, so each draw is reproducible. The recent gold sets (drawn once, before any labelling
+function changed):
 
     python scripts/sample_gold.py ../shared/data/arxiv_2025_26.jsonl.gz --out-dir data/gold_draw
 

@@ -136,6 +136,13 @@ def load_model(cfg: DictConfig, tag_ids: list[str]) -> Backbone:
     return backbone
 
 
+def load_training_data(cfg: DictConfig, weak: WeakLabels, tag_ids: list[str], tokenizer) -> TrainingData:
+    """The configured training data: every gold set of `data.gold` held out, the hand-labelled sets of
+    `data.gold_train` as hard targets (train.py's, and the baselines' of bench/baselines.py)."""
+    return training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids),
+                         read_gold_train(cfg.data.gold_train, tag_ids), tag_ids, tokenizer, cfg.model.max_length)
+
+
 @dataclass(frozen=True)
 class Pool:
     """The papers scored after training: every held-out paper, then the first `export.review_pool`
@@ -179,10 +186,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     weak = build_weak_labels(cfg)  # every rank: they share the voting
     if weak.tag_ids != tag_ids:
         raise ValueError(f"weak labels are over {weak.tag_ids}, the taxonomy over {tag_ids}")
-    gold_train = read_gold_train(cfg.data.gold_train, tag_ids)
     with accelerator.main_process_first():  # built once into the cache; the other ranks read it
-        data = training_data(cfg, weak, read_gold_sets(cfg.data.gold, tag_ids), gold_train, tag_ids,
-                             backbone.tokenizer, cfg.model.max_length)
+        data = load_training_data(cfg, weak, tag_ids, backbone.tokenizer)
     accelerator.print(f"{data.n_corpus} papers: {len(data.train)} train ({data.n_hand} hand-labelled), "
                       + ", ".join(f"{len(rows)} {name}" for name, rows in data.split.sets.items()) + " (held out)")
     if accelerator.is_main_process:
